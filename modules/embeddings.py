@@ -1,0 +1,73 @@
+"""Embedding tables: TorchRec configs per feature group, and sharding-independent init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from modules.features import FeatureGroupSpec
+from modules.hash_functions import hash64, seed_salt, uniform_from_hash
+
+# Rows initialised per chunk, to bound the temporary memory of initialising a huge table.
+_INIT_CHUNK_VALUES = 1 << 24
+
+
+def table_configs(group: FeatureGroupSpec) -> list[EmbeddingBagConfig]:
+    """One sum-pooled table per feature, named after the feature."""
+    return [
+        EmbeddingBagConfig(
+            name=feature.name,
+            embedding_dim=group.embedding_dim,
+            num_embeddings=feature.num_embeddings,
+            feature_names=[feature.name],
+            pooling=PoolingType.SUM,
+        )
+        for feature in group.features
+    ]
+
+
+def embedding_collection(group: FeatureGroupSpec, device: torch.device) -> EmbeddingBagCollection:
+    """The group's EmbeddingBagCollection; build it on ``meta`` when DMP will shard it."""
+    return EmbeddingBagCollection(tables=table_configs(group), device=device)
+
+
+def init_bound(num_embeddings: int) -> float:
+    """TorchRec's default init range for a table: U(-sqrt(1/rows), sqrt(1/rows))."""
+    return math.sqrt(1.0 / num_embeddings)
+
+
+@torch.no_grad()
+def fill_table_block(
+    block: torch.Tensor,
+    *,
+    seed: int,
+    table_name: str,
+    num_embeddings: int,
+    embedding_dim: int,
+    row_offset: int,
+    column_offset: int,
+) -> None:
+    """Fill ``block`` (rows x cols of a table, at the given offsets) with the table's initial
+    values, which depend only on (seed, table, row, column).
+
+    Any sharding of a table therefore starts from the same weights as the unsharded table,
+    which makes sharded and unsharded runs (and their state digests) comparable.
+
+    Args:
+        block: float [R, C] view of the rows [row_offset, row_offset + R) and columns
+            [column_offset, column_offset + C) of a [num_embeddings, embedding_dim] table.
+    """
+    salt = seed_salt(seed, "table-init", table_name)
+    bound = init_bound(num_embeddings)
+    num_rows, num_cols = block.shape
+    columns = torch.arange(column_offset, column_offset + num_cols, dtype=torch.int64)
+    rows_per_chunk = max(1, _INIT_CHUNK_VALUES // max(1, num_cols))
+    for start in range(0, num_rows, rows_per_chunk):
+        stop = min(num_rows, start + rows_per_chunk)
+        rows = torch.arange(row_offset + start, row_offset + stop, dtype=torch.int64)
+        flat_index = rows.unsqueeze(1) * embedding_dim + columns
+        values = (uniform_from_hash(hash64(flat_index, salt)) * 2.0 - 1.0) * bound
+        block[start:stop].copy_(values.to(block.dtype))

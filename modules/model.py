@@ -1,0 +1,177 @@
+"""DLRM-style click models over several EmbeddingBagCollections.
+
+Shapes: B = batch size, F = number of features, D = embedding dim, N = dense features.
+
+    dense [B, N] ──► DenseArch ──► [B, D_dense] ─┐
+    group KJTs ──► id mapping ──► EBC per group ─┴► interaction (dot | DCNv2) ──► OverArch ──► logit [B]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from modules.batch import Batch
+from modules.features import FeatureGroupSpec
+
+INTERACTIONS = ("dot", "dcn")
+
+
+class DotInteraction(nn.Module):
+    """DLRM's dot interaction: the dense vector plus all pairwise dots of [dense, sparse...].
+
+    Input: dense [B, D], sparse [B, F, D] (one D for all). Output [B, D + F + F(F-1)/2].
+    """
+
+    def __init__(self, num_sparse_features: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.arch = InteractionArch(num_sparse_features=num_sparse_features)
+        self.output_dim = embedding_dim + num_sparse_features + (
+            num_sparse_features * (num_sparse_features - 1) // 2
+        )
+
+    def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
+        return self.arch(dense, torch.stack(sparse, dim=1))
+
+
+class CrossInteraction(nn.Module):
+    """DCNv2 interaction: a low-rank cross network over [dense, sparse...] concatenated.
+
+    Each sparse vector may have its own dim. Input: dense [B, D_dense], sparse F x [B, D_f].
+    Output [B, D_dense + sum D_f].
+    """
+
+    def __init__(self, input_dim: int, num_layers: int, low_rank_dim: int) -> None:
+        super().__init__()
+        self.crossnet = LowRankCrossNet(
+            in_features=input_dim, num_layers=num_layers, low_rank=low_rank_dim
+        )
+        self.output_dim = input_dim
+
+    def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
+        return self.crossnet(torch.cat([dense, *sparse], dim=1))
+
+
+class EmbeddingGroup(nn.Module):
+    """One feature group's sparse side: raw-ID mapping, then the group's EBC.
+
+    Keeping the mapper and the EBC together as children of one module makes TorchRec's
+    pipeline tracer treat the mapper as a leaf it can run as a pipelined postproc.
+
+    Input: KJT of raw IDs for the group's features. Output: feature name -> pooled [B, D].
+    """
+
+    def __init__(
+        self,
+        feature_names: list[str],
+        id_mapper: nn.Module,
+        embedding_collection: EmbeddingBagCollection,
+    ) -> None:
+        super().__init__()
+        self.feature_names = feature_names
+        self.id_mapper = id_mapper
+        self.embedding_collection = embedding_collection
+
+    def forward(self, raw_ids: KeyedJaggedTensor) -> list[torch.Tensor]:
+        rows = self.id_mapper(raw_ids)
+        pooled: KeyedTensor = self.embedding_collection(rows)
+        # A sharded EBC orders its output keys by sharding group, not feature order:
+        # read by key.
+        pooled_by_feature = pooled.to_dict()
+        return [pooled_by_feature[name] for name in self.feature_names]
+
+
+class ClickModel(nn.Module):
+    """DLRM (dot) or DLRM-DCNv2 (dcn) over one EmbeddingBagCollection per feature group.
+
+    Args:
+        groups: feature groups, in canonical order.
+        embedding_collections: group name -> its EBC (unsharded, or on ``meta`` for DMP).
+        id_mappers: group name -> module mapping the group's raw-ID KJT to a row KJT.
+        num_dense_features: N.
+        dense_layer_sizes: bottom MLP; for ``dot`` its last size must equal every group's D.
+        over_layer_sizes: top MLP, ending in 1.
+        interaction: ``dot`` or ``dcn``.
+
+    Example::
+
+        model = ClickModel(groups, ebcs, mappers, 13, [64, 16], [64, 1], "dot")
+        logits = model(batch)  # [B]
+    """
+
+    def __init__(
+        self,
+        groups: list[FeatureGroupSpec],
+        embedding_collections: dict[str, EmbeddingBagCollection],
+        id_mappers: dict[str, nn.Module],
+        num_dense_features: int,
+        dense_layer_sizes: list[int],
+        over_layer_sizes: list[int],
+        interaction: str = "dot",
+        dcn_num_layers: int = 3,
+        dcn_low_rank_dim: int = 512,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {interaction!r}")
+        if not over_layer_sizes or over_layer_sizes[-1] != 1:
+            raise ValueError(f"over_layer_sizes must end in 1, got {over_layer_sizes}")
+        if not dense_layer_sizes:
+            raise ValueError("dense_layer_sizes must not be empty")
+        self.group_names = [group.name for group in groups]
+        self.embedding_groups = nn.ModuleDict(
+            {
+                group.name: EmbeddingGroup(
+                    group.feature_names, id_mappers[group.name], embedding_collections[group.name]
+                )
+                for group in groups
+            }
+        )
+        self.dense_arch = DenseArch(num_dense_features, dense_layer_sizes, device=device)
+        dense_dim = dense_layer_sizes[-1]
+        num_features = sum(len(group.features) for group in groups)
+        if interaction == "dot":
+            mismatched = [g.name for g in groups if g.embedding_dim != dense_dim]
+            if mismatched:
+                raise ValueError(
+                    f"dot interaction needs every group's embedding_dim to equal the last "
+                    f"dense layer size {dense_dim}; groups {mismatched} differ (use model=dcn "
+                    f"for mixed dims)"
+                )
+            self.interaction: nn.Module = DotInteraction(num_features, dense_dim)
+        else:
+            input_dim = dense_dim + sum(g.embedding_dim * len(g.features) for g in groups)
+            self.interaction = CrossInteraction(input_dim, dcn_num_layers, dcn_low_rank_dim)
+        self.over_arch = OverArch(self.interaction.output_dim, over_layer_sizes, device=device)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns logits [B]."""
+        dense = self.dense_arch(batch.dense_features)
+        sparse: list[torch.Tensor] = []
+        for group_name in self.group_names:
+            sparse.extend(self.embedding_groups[group_name](batch.sparse_features[group_name]))
+        return self.over_arch(self.interaction(dense, sparse)).squeeze(-1)
+
+
+class ClickModelTrain(nn.Module):
+    """Wraps a ClickModel with the loss, in the (loss, outputs) form TorchRec's pipeline wants.
+
+    forward(batch) -> (loss [], (loss.detach() [], logits [B], labels [B]))
+    """
+
+    def __init__(self, model: ClickModel) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)

@@ -1,0 +1,1 @@
+"""The hashrec training job: ``python -m train`` / ``torchrun -m train``."""

@@ -1,0 +1,185 @@
+"""Config -> feature specs -> model -> sharding plan -> DistributedModelParallel.
+
+Built in TorchRec's order: tables on the meta device, fused optimizer attached to the
+embedding parameters, a collective plan, DMP (which materialises only the local shards),
+then a dense optimizer and the two combined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer
+
+from modules.embeddings import embedding_collection, fill_table_block
+from modules.features import FeatureGroupSpec, FeatureSpec, check_unique_names
+from modules.id_mapping import ModuloIdMapper
+from modules.model import ClickModel, ClickModelTrain
+from train.config import Config, FeaturesConfig
+from train.distributed import DistributedContext
+from train.optimizers import combined_optimizer, dense_optimizer, embedding_optimizer
+from train.sharding import (
+    CpuRowWiseSharder,
+    PlacedTable,
+    TableInfo,
+    build_planner,
+    check_column_wise_splits,
+    placed_tables,
+    plan_sharding,
+    sharding_type_per_table,
+    table_infos,
+)
+from train.tables import local_table_blocks
+
+
+def feature_groups(config: FeaturesConfig) -> list[FeatureGroupSpec]:
+    """The feature set as specs: listed groups first, then generated tables."""
+    groups = []
+    for group_name, group in config.groups.items():
+        features = tuple(
+            FeatureSpec(
+                name=feature_name,
+                id_space=feature.id_space,
+                num_embeddings=feature.num_embeddings,
+                ids_per_sample=feature.ids_per_sample,
+                zipf_exponent=feature.zipf_exponent,
+                signal_weight=feature.signal_weight,
+                scramble_ids=feature.scramble_ids,
+            )
+            for feature_name, feature in group.features.items()
+        )
+        groups.append(
+            FeatureGroupSpec(group_name, group.embedding_dim or config.embedding_dim, features)
+        )
+    generated = config.generated
+    if generated.num_tables > 0:
+        per_group: list[list[FeatureSpec]] = [[] for _ in range(generated.num_groups)]
+        width = len(str(generated.num_tables - 1))
+        for index in range(generated.num_tables):
+            per_group[index % generated.num_groups].append(
+                FeatureSpec(
+                    name=f"t{index:0{width}d}",
+                    id_space=generated.id_space,
+                    num_embeddings=generated.num_embeddings,
+                    ids_per_sample=generated.ids_per_sample,
+                    zipf_exponent=generated.zipf_exponent,
+                    signal_weight=generated.signal_weight,
+                )
+            )
+        groups.extend(
+            FeatureGroupSpec(f"g{index}", config.embedding_dim, tuple(features))
+            for index, features in enumerate(per_group)
+            if features
+        )
+    if not groups:
+        raise ValueError(f"features={config.name} declares no feature groups")
+    check_unique_names(groups)
+    return groups
+
+
+def build_click_model(
+    config: Config, groups: list[FeatureGroupSpec], embedding_device: torch.device
+) -> ClickModelTrain:
+    """The unsharded model with its loss; dense weights seeded by trainer.seed."""
+    torch.manual_seed(config.trainer.seed)
+    model = ClickModel(
+        groups=groups,
+        embedding_collections={
+            group.name: embedding_collection(group, embedding_device) for group in groups
+        },
+        id_mappers={
+            group.name: ModuloIdMapper({f.name: f.num_embeddings for f in group.features})
+            for group in groups
+        },
+        num_dense_features=config.features.num_dense_features,
+        dense_layer_sizes=list(config.model.dense_layer_sizes),
+        over_layer_sizes=list(config.model.over_layer_sizes),
+        interaction=config.model.interaction,
+        dcn_num_layers=config.model.dcn_num_layers,
+        dcn_low_rank_dim=config.model.dcn_low_rank_dim,
+    )
+    return ClickModelTrain(model)
+
+
+@torch.no_grad()
+def init_tables(model: torch.nn.Module, groups: list[FeatureGroupSpec], seed: int) -> None:
+    """Give every local table block its sharding-independent initial values."""
+    sizes = {f.name: (f.num_embeddings, g.embedding_dim) for g in groups for f in g.features}
+    for block in local_table_blocks(model):
+        num_embeddings, embedding_dim = sizes[block.table_name]
+        fill_table_block(
+            block.tensor,
+            seed=seed,
+            table_name=block.table_name,
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            row_offset=block.row_offset,
+            column_offset=block.column_offset,
+        )
+
+
+@dataclass
+class ShardedJob:
+    """Everything the loop needs from the build."""
+
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    plan: ShardingPlan
+    placed: list[PlacedTable]
+    tables: list[TableInfo]
+
+
+def plan_for(
+    config: Config,
+    groups: list[FeatureGroupSpec],
+    unsharded: torch.nn.Module,
+    context: DistributedContext,
+) -> tuple[ShardingPlan, list[PlacedTable], list[TableInfo]]:
+    tables = table_infos(groups)
+    chosen = sharding_type_per_table(
+        tables,
+        config.sharding.preset,
+        dict(config.sharding.tables),
+        config.sharding.mixed_row_threshold,
+    )
+    check_column_wise_splits(tables, chosen)
+    planner = build_planner(
+        tables,
+        chosen,
+        world_size=context.world_size,
+        local_world_size=context.local_world_size,
+        device=context.device,
+        batch_size=config.trainer.batch_size,
+        hbm_cap_bytes=config.sharding.hbm_cap_bytes,
+        ddr_cap_bytes=config.sharding.ddr_cap_bytes,
+    )
+    plan = plan_sharding(unsharded, planner, CpuRowWiseSharder(), dist.group.WORLD)
+    placed = placed_tables(plan, tables, context.world_size, config.optim.embedding)
+    return plan, placed, tables
+
+
+def build_sharded_job(
+    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
+) -> ShardedJob:
+    unsharded = build_click_model(config, groups, torch.device("meta"))
+    optimizer_class, optimizer_kwargs = embedding_optimizer(config.optim)
+    apply_optimizer_in_backward(
+        optimizer_class,
+        [p for g in unsharded.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
+        optimizer_kwargs,
+    )
+    plan, placed, tables = plan_for(config, groups, unsharded, context)
+    model = DistributedModelParallel(
+        module=unsharded,
+        device=context.device,
+        plan=plan,
+        sharders=[CpuRowWiseSharder()],
+    )
+    init_tables(model, groups, config.trainer.seed)
+    optimizer = combined_optimizer(model.fused_optimizer, dense_optimizer(model, config.optim))
+    return ShardedJob(model=model, optimizer=optimizer, plan=plan, placed=placed, tables=tables)

@@ -1,0 +1,263 @@
+"""The config schema: one typed dataclass per Hydra group, registered in a ConfigStore.
+
+YAML files under conf/ only set values; these classes say which keys exist and their types,
+so a misspelled key or a wrong type fails when Hydra composes the config, before any process
+group starts. Checks that need more than a type live in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SHARDING_TYPES = (
+    "data_parallel",
+    "table_wise",
+    "column_wise",
+    "table_column_wise",
+    "row_wise",
+    "table_row_wise",
+)
+SHARDING_PRESETS = ("auto", "mixed", *SHARDING_TYPES)
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{where}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{where} must be > 0, got {value}")
+
+
+@dataclass
+class FeatureConfig:
+    """One categorical feature; its table is named after it."""
+
+    # Declared number of distinct raw IDs (what a full table would need).
+    id_space: int = MISSING
+    # Rows of the feature's table.
+    num_embeddings: int = MISSING
+    # IDs per sample: 1 = one-hot, more = a sum-pooled bag.
+    ids_per_sample: int = 1
+    # Synthetic data: popularity skew of the IDs (Zipf-like exponent).
+    zipf_exponent: float = 1.05
+    # Synthetic data: weight of this feature in the planted click logit (0 = noise).
+    signal_weight: float = 1.0
+    # Synthetic data: emit scrambled 63-bit IDs (True) or 0..id_space-1 (False).
+    scramble_ids: bool = True
+
+
+@dataclass
+class FeatureGroupConfig:
+    """Features embedded by one EmbeddingBagCollection."""
+
+    # Embedding dim of every table in the group; null = the feature set's embedding_dim.
+    embedding_dim: Optional[int] = None
+    features: Dict[str, FeatureConfig] = field(default_factory=dict)
+
+
+@dataclass
+class GeneratedTablesConfig:
+    """Many similar tables without listing each one (for many-table stress sets)."""
+
+    num_tables: int = 0
+    num_groups: int = 1
+    id_space: int = 1_000_000
+    num_embeddings: int = 10_000
+    ids_per_sample: int = 1
+    zipf_exponent: float = 1.05
+    signal_weight: float = 0.2
+
+
+@dataclass
+class FeaturesConfig:
+    """A named feature set: groups of categorical features plus dense features."""
+
+    name: str = MISSING
+    # Default embedding dim for groups that do not set their own.
+    embedding_dim: int = 16
+    num_dense_features: int = 13
+    groups: Dict[str, FeatureGroupConfig] = field(default_factory=dict)
+    # Extra tables named t000, t001... split over groups g0, g1...
+    generated: GeneratedTablesConfig = field(default_factory=GeneratedTablesConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive("features.embedding_dim", self.embedding_dim)
+        _check_positive("features.num_dense_features", self.num_dense_features)
+
+
+@dataclass
+class ModelConfig:
+    """The dense side of DLRM: bottom MLP, interaction, top MLP."""
+
+    name: str = MISSING
+    # dot (DLRM) or dcn (DLRM-DCNv2).
+    interaction: str = "dot"
+    # Bottom MLP; for dot the last size must equal the embedding dim.
+    dense_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
+    # Top MLP, ending in 1 (the click logit).
+    over_layer_sizes: List[int] = field(default_factory=lambda: [128, 64, 1])
+    # DCNv2 cross layers and their low rank.
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choice("model.interaction", self.interaction, ("dot", "dcn"))
+
+
+@dataclass
+class PlantedSignalConfig:
+    """Weights of the planted click logit of the synthetic data."""
+
+    latent_dim: int = 8
+    pair_weight: float = 1.0
+    id_bias_weight: float = 1.0
+    dense_weight: float = 0.5
+    bias: float = -1.0
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from."""
+
+    name: str = MISSING
+    # synthetic: planted-signal click data generated on the fly.
+    source: str = "synthetic"
+    # Held-out batches per rank evaluated at each evaluation.
+    eval_batches: int = 8
+    planted: PlantedSignalConfig = field(default_factory=PlantedSignalConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("synthetic",))
+        _check_positive("data.eval_batches", self.eval_batches)
+
+
+@dataclass
+class ShardingConfig:
+    """How tables are placed over ranks."""
+
+    name: str = MISSING
+    # auto (TorchRec planner picks), mixed, or one sharding type for every table.
+    preset: str = "auto"
+    # Per-table override: table name -> sharding type; wins over the preset.
+    tables: Dict[str, str] = field(default_factory=dict)
+    # mixed: tables with more rows than this are row-wise, the rest table-wise.
+    mixed_row_threshold: int = 100_000
+    # Planner memory caps per rank (bytes); null = what the device reports / TorchRec default.
+    hbm_cap_bytes: Optional[int] = None
+    ddr_cap_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("sharding.preset", self.preset, SHARDING_PRESETS)
+        for table, sharding_type in self.tables.items():
+            _check_choice(f"sharding.tables.{table}", sharding_type, SHARDING_TYPES)
+        _check_positive("sharding.mixed_row_threshold", self.mixed_row_threshold)
+
+
+@dataclass
+class OptimConfig:
+    """Fused embedding optimizer, dense optimizer, and the learning-rate schedule."""
+
+    name: str = MISSING
+    # Applied inside the backward pass by TorchRec's fused kernels.
+    embedding: str = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    dense: str = "adagrad"
+    dense_lr: float = 0.05
+    eps: float = 1e-8
+    # The TorchRec DLRM example's schedule: linear warm-up, constant, polynomial decay.
+    warmup_steps: int = 0
+    decay_start_step: int = 0
+    decay_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.embedding", self.embedding, EMBEDDING_OPTIMIZERS)
+        _check_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
+        _check_positive("optim.embedding_lr", self.embedding_lr)
+        _check_positive("optim.dense_lr", self.dense_lr)
+
+
+@dataclass
+class LoggerConfig:
+    """Console progress now; W&B modes for the W&B logger."""
+
+    name: str = MISSING
+    mode: str = "disabled"
+    # Console progress line every this many steps.
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.mode", self.mode, LOGGER_MODES)
+        _check_positive("logger.log_every", self.log_every)
+
+
+@dataclass
+class TrainerConfig:
+    """The loop."""
+
+    steps: int = 1500
+    # Samples per rank per step.
+    batch_size: int = 1024
+    # Evaluate every this many steps (and at the end); 0 = only at the end.
+    eval_every: int = 500
+    seed: int = 0
+    # none | auto | a checkpoint path (checkpoints land with the checkpoint issue).
+    resume: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_positive("trainer.steps", self.steps)
+        _check_positive("trainer.batch_size", self.batch_size)
+        if self.eval_every < 0:
+            raise ValueError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
+        if self.resume != "none":
+            raise ValueError(
+                f"trainer.resume={self.resume!r}: resuming is not implemented yet (only 'none')"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every_steps != 0:
+            raise ValueError("checkpoint.every_steps: checkpoints are not implemented yet (use 0)")
+
+
+@dataclass
+class Config:
+    """The whole job."""
+
+    features: FeaturesConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    sharding: ShardingConfig = MISSING
+    optim: OptimConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Plan the sharding, print it, and exit without training.
+    plan_only: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema so conf/*.yaml files are validated against it."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, node in (
+        ("features", FeaturesConfig),
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("sharding", ShardingConfig),
+        ("optim", OptimConfig),
+        ("logger", LoggerConfig),
+    ):
+        store.store(group=group, name=f"{group}_schema", node=node)

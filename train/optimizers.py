@@ -1,0 +1,87 @@
+"""Optimizers: fused embedding optimizers applied in backward, a dense torch optimizer, and
+the learning-rate schedule of the TorchRec DLRM example."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec import optim as trec_optim
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from train.config import OptimConfig
+
+_EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+}
+_DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+}
+
+
+def embedding_optimizer(config: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class and arguments TorchRec turns into a fused fbgemm optimizer."""
+    kwargs: dict[str, Any] = {"lr": config.embedding_lr}
+    if config.embedding != "sgd":
+        kwargs["eps"] = config.eps
+    return _EMBEDDING_OPTIMIZERS[config.embedding], kwargs
+
+
+def dense_optimizer(model: nn.Module, config: OptimConfig) -> KeyedOptimizerWrapper:
+    """A torch optimizer over every parameter that has no fused optimizer."""
+    optimizer_class = _DENSE_OPTIMIZERS[config.dense]
+    kwargs: dict[str, Any] = {"lr": config.dense_lr}
+    if config.dense != "sgd":
+        kwargs["eps"] = config.eps
+    dense_parameters = dict(in_backward_optimizer_filter(model.named_parameters()))
+    return KeyedOptimizerWrapper(
+        dense_parameters, lambda params: optimizer_class(params, **kwargs)
+    )
+
+
+def combined_optimizer(fused: Any, dense: KeyedOptimizerWrapper) -> CombinedOptimizer:
+    return CombinedOptimizer([("embedding", fused), ("dense", dense)])
+
+
+def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based).
+
+    Linear warm-up from 0 over ``warmup_steps``; constant until ``decay_start_step``; then
+    polynomial (power 2) decay to 0 over ``decay_steps`` (0 = no decay). As in the DLRM
+    reference's LRPolicyScheduler.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_steps <= 0 or step < decay_start_step:
+        return 1.0
+    decayed = step - decay_start_step
+    if decayed >= decay_steps:
+        return 0.0
+    return ((decay_steps - decayed) / decay_steps) ** 2
+
+
+class WarmupDecaySchedule:
+    """Sets every param group's lr to base_lr * lr_scale(step); the fused embedding optimizer
+    reads its group's lr at the next zero_grad()/step()."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
+        self.optimizer = optimizer
+        self.config = config
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def set_step(self, step: int) -> None:
+        scale = lr_scale(
+            step, self.config.warmup_steps, self.config.decay_start_step, self.config.decay_steps
+        )
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * scale
+
+    def current_lrs(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]

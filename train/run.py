@@ -1,0 +1,153 @@
+"""run(cfg): one training job from a composed config to summary.json."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modules.batch import Batch
+from modules.metrics import auc
+from modules.synthetic import PlantedClickData, PlantedSignal
+from train.build import build_sharded_job, feature_groups
+from train.config import Config
+from train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from train.loop import Trainer, gather_concat
+from train.optimizers import WarmupDecaySchedule
+from train.sharding import embedding_bytes_per_rank, format_plan
+from train.state_digest import state_digest
+from train.summary import format_summary, max_over_ranks, peak_rss_bytes, write_summary
+
+
+
+def quiet_library_logs() -> None:
+    """TorchRec logs every planner proposal and pipeline drain at INFO; keep warnings only,
+    and drop its deprecation chatter about ShardedTensor and its own topology helpers."""
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """The typed config; instantiating the dataclasses runs their __post_init__ checks."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def planted_data(config: Config, groups) -> PlantedClickData:
+    planted = config.data.planted
+    return PlantedClickData(
+        groups=groups,
+        num_dense_features=config.features.num_dense_features,
+        batch_size=config.trainer.batch_size,
+        seed=config.trainer.seed,
+        signal=PlantedSignal(
+            latent_dim=planted.latent_dim,
+            pair_weight=planted.pair_weight,
+            id_bias_weight=planted.id_bias_weight,
+            dense_weight=planted.dense_weight,
+            bias=planted.bias,
+        ),
+    )
+
+
+def bayes_auc(data: PlantedClickData, rank: int, num_batches: int) -> float:
+    """AUC of the true click probabilities on the eval labels: the best any model can do."""
+    probabilities, labels = [], []
+    for step in range(num_batches):
+        batch, probability = data.batch("eval", rank, step)
+        probabilities.append(probability)
+        labels.append(batch.labels)
+    return auc(gather_concat(torch.cat(probabilities)), gather_concat(torch.cat(labels)))
+
+
+def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
+    """Train (or only plan) the job described by ``cfg``; returns the summary."""
+    config = to_config(cfg)
+    quiet_library_logs()
+    groups = feature_groups(config.features)
+    context = init_distributed()
+    try:
+        return _run(config, groups, context, Path(run_dir))
+    finally:
+        shutdown_distributed()
+
+
+def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
+    def say(message: str) -> None:
+        if context.is_main:
+            print(message, flush=True)
+
+    say(
+        f"hashrec: world size {context.world_size} ({context.backend}, {context.device.type}), "
+        f"features={config.features.name} model={config.model.name} "
+        f"sharding={config.sharding.name}, run dir {run_dir}"
+    )
+    job = build_sharded_job(config, groups, context)
+    say("sharding plan\n" + format_plan(job.placed, context.world_size))
+    per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
+    sharding = {
+        table.name: {"type": table.sharding_type, "ranks": table.ranks} for table in job.placed
+    }
+    if config.plan_only:
+        return {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
+
+    data = planted_data(config, groups)
+    rank = context.rank
+
+    def train_batches(start: int, stop: int) -> Iterator[Batch]:
+        for step in range(start, stop):
+            yield data.batch("train", rank, step)[0]
+
+    def eval_batches() -> Iterator[Batch]:
+        for step in range(config.data.eval_batches):
+            yield data.batch("eval", rank, step)[0]
+
+    eval_bayes_auc = bayes_auc(data, rank, config.data.eval_batches)
+    say(f"planted data: Bayes-optimal eval AUC {eval_bayes_auc:.4f}")
+    schedule = WarmupDecaySchedule(job.optimizer, config.optim)
+    trainer = Trainer(
+        model=job.model,
+        optimizer=job.optimizer,
+        schedule=schedule,
+        context=context,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        batch_size=config.trainer.batch_size,
+        log_every=config.logger.log_every,
+        print_fn=say,
+    )
+    started = time.perf_counter()
+    result = trainer.train(config.trainer.steps, config.trainer.eval_every)
+    final_eval = result.evals[-1]
+    summary = {
+        "world_size": context.world_size,
+        "steps": result.steps,
+        "samples": result.samples,
+        "samples_per_sec": result.samples_per_sec,
+        "train_loss": result.train_loss,
+        "eval_auc": final_eval.auc,
+        "eval_bayes_auc": eval_bayes_auc,
+        "eval_ne": final_eval.normalized_entropy,
+        "eval_log_loss": final_eval.log_loss,
+        "evals": [vars(item) for item in result.evals],
+        "state_digest": state_digest(job.model, job.optimizer, rank),
+        "peak_rss_bytes": max_over_ranks(peak_rss_bytes(), context.device),
+        "embedding_bytes": sum(per_rank),
+        "embedding_bytes_per_rank": per_rank,
+        "sharding": sharding,
+        "hashing": None,
+        "wandb_dir": None,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if context.is_main:
+        write_summary(run_dir, summary)
+        say(format_summary(summary))
+    return summary

@@ -1,0 +1,43 @@
+"""One run directory that every rank agrees on, without talking to each other first.
+
+Each rank composes the Hydra config on its own, so a plain ``${now:}`` run directory could
+differ by a second between ranks. The directory is keyed instead by something all ranks of
+one launch share: the Slurm job id, torchrun's rendezvous id, or the start time of the
+torchrun agent (the parent of every local rank); a lone process uses the current time.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+
+def _process_start_time(pid: int) -> datetime | None:
+    """Start time of a process from /proc (Linux); None where /proc is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            # Field 22 (starttime, clock ticks after boot) follows the ')' closing the name.
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/stat") as stat_file:
+            boot_time = next(
+                int(line.split()[1]) for line in stat_file if line.startswith("btime")
+            )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return datetime.fromtimestamp(boot_time + start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def run_id() -> str:
+    """``slurm-<job>``, ``torchrun-<rdzv id>``, or a ``YYYY-MM-DD/HH-MM-SS`` timestamp."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job_id}" + (f"-{array_task}" if array_task else "")
+    rendezvous_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rendezvous_id not in ("", "none"):
+        return f"torchrun-{rendezvous_id}"
+    started = None
+    if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        started = _process_start_time(os.getppid())
+    return (started or datetime.now()).strftime("%Y-%m-%d/%H-%M-%S")
