@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -9,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import register_configs
-from train.run import run
+from train.run import ConfigError, run
 from train.run_dir import run_id
 
 register_configs()
@@ -18,7 +19,13 @@ OmegaConf.register_new_resolver("hashrec_run_id", run_id, use_cache=True)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"hashrec: config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from modules.id_mapping import ModuloIdMapper
 from modules.model import ClickModel, ClickModelTrain
 from train.config import Config, FeaturesConfig
 from train.distributed import DistributedContext
-from train.optimizers import combined_optimizer, dense_optimizer, embedding_optimizer
+from train.optimizers import combined_optimizer, embedding_optimizer
 from train.sharding import (
     CpuRowWiseSharder,
     PlacedTable,
@@ -86,12 +86,15 @@ def build_click_model(
     config: Config, groups: list[FeatureGroupSpec], embedding_device: torch.device
 ) -> ClickModelTrain:
     """The unsharded model with its loss; dense weights seeded by trainer.seed."""
+    embedding_collections = {
+        group.name: embedding_collection(group, embedding_device) for group in groups
+    }
+    # Seed right before the dense layers, so their init does not depend on whether the
+    # tables above were built on meta (no RNG use) or materialised.
     torch.manual_seed(config.trainer.seed)
     model = ClickModel(
         groups=groups,
-        embedding_collections={
-            group.name: embedding_collection(group, embedding_device) for group in groups
-        },
+        embedding_collections=embedding_collections,
         id_mappers={
             group.name: ModuloIdMapper({f.name: f.num_embeddings for f in group.features})
             for group in groups
@@ -181,5 +184,5 @@ def build_sharded_job(
         sharders=[CpuRowWiseSharder()],
     )
     init_tables(model, groups, config.trainer.seed)
-    optimizer = combined_optimizer(model.fused_optimizer, dense_optimizer(model, config.optim))
+    optimizer = combined_optimizer(model, config.optim)
     return ShardedJob(model=model, optimizer=optimizer, plan=plan, placed=placed, tables=tables)

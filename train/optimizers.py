@@ -12,6 +12,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from train.config import OptimConfig
+from train.tables import table_name_of
 
 _EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -34,20 +35,41 @@ def embedding_optimizer(config: OptimConfig) -> tuple[type[torch.optim.Optimizer
     return _EMBEDDING_OPTIMIZERS[config.embedding], kwargs
 
 
-def dense_optimizer(model: nn.Module, config: OptimConfig) -> KeyedOptimizerWrapper:
-    """A torch optimizer over every parameter that has no fused optimizer."""
-    optimizer_class = _DENSE_OPTIMIZERS[config.dense]
-    kwargs: dict[str, Any] = {"lr": config.dense_lr}
-    if config.dense != "sgd":
-        kwargs["eps"] = config.eps
-    dense_parameters = dict(in_backward_optimizer_filter(model.named_parameters()))
-    return KeyedOptimizerWrapper(
-        dense_parameters, lambda params: optimizer_class(params, **kwargs)
+def dense_optimizers(model: nn.Module, config: OptimConfig) -> list[tuple[str, KeyedOptimizerWrapper]]:
+    """Torch optimizers for every parameter without a fused optimizer.
+
+    Data-parallel tables are plain replicated parameters after DMP (no fused kernel), so
+    they would silently fall to the dense optimizer and its lr; they get the embedding
+    optimizer and lr instead, as every other table does.
+    """
+    unfused = dict(in_backward_optimizer_filter(model.named_parameters()))
+    tables = {name: p for name, p in unfused.items() if table_name_of(name) is not None}
+    dense = {name: p for name, p in unfused.items() if name not in tables}
+    optimizers = []
+    if dense:
+        dense_class = _DENSE_OPTIMIZERS[config.dense]
+        dense_kwargs: dict[str, Any] = {"lr": config.dense_lr}
+        if config.dense != "sgd":
+            dense_kwargs["eps"] = config.eps
+        optimizers.append(
+            ("dense", KeyedOptimizerWrapper(dense, lambda ps: dense_class(ps, **dense_kwargs)))
+        )
+    if tables:
+        table_class, table_kwargs = embedding_optimizer(config)
+        optimizers.append(
+            (
+                "replicated_tables",
+                KeyedOptimizerWrapper(tables, lambda ps: table_class(ps, **table_kwargs)),
+            )
+        )
+    return optimizers
+
+
+def combined_optimizer(model: Any, config: OptimConfig) -> CombinedOptimizer:
+    """The fused embedding optimizer and the torch optimizers as one optimizer."""
+    return CombinedOptimizer(
+        [("embedding", model.fused_optimizer), *dense_optimizers(model, config)]
     )
-
-
-def combined_optimizer(fused: Any, dense: KeyedOptimizerWrapper) -> CombinedOptimizer:
-    return CombinedOptimizer([("embedding", fused), ("dense", dense)])
 
 
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:

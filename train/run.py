@@ -68,11 +68,23 @@ def bayes_auc(data: PlantedClickData, rank: int, num_batches: int) -> float:
     return auc(gather_concat(torch.cat(probabilities)), gather_concat(torch.cat(labels)))
 
 
+class ConfigError(Exception):
+    """A config that cannot run; its message is one line naming the key and the problem."""
+
+
+def validated(cfg: DictConfig | Config) -> tuple[Config, list]:
+    """The typed config and its feature groups, or ConfigError with one clear line."""
+    try:
+        config = to_config(cfg)
+        return config, feature_groups(config.features)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
     """Train (or only plan) the job described by ``cfg``; returns the summary."""
-    config = to_config(cfg)
+    config, groups = validated(cfg)
     quiet_library_logs()
-    groups = feature_groups(config.features)
     context = init_distributed()
     try:
         return _run(config, groups, context, Path(run_dir))
@@ -90,7 +102,10 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
-    job = build_sharded_job(config, groups, context)
+    try:
+        job = build_sharded_job(config, groups, context)
+    except ValueError as error:  # sharding choices and model shapes the config asked for
+        raise ConfigError(str(error)) from error
     say("sharding plan\n" + format_plan(job.placed, context.world_size))
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     sharding = {
