@@ -1,0 +1,232 @@
+"""Where batches come from: planted synthetic data, preprocessed Criteo shards, Parquet.
+
+Every source gives each rank its own stream and the same number of batches per step on every
+rank (sharded lookups are collectives: all ranks must run the same batches count).
+
+    source.train_batches(rank, world_size, start_step, stop_step) -> Iterator[Batch]
+    source.eval_batches(rank, world_size) -> Iterator[Batch]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from modules.batch import Batch
+from modules.criteo import CATEGORICAL_NAMES, NUM_DENSE, CriteoColumns
+from modules.features import FeatureGroupSpec, all_features
+from modules.synthetic import PlantedClickData
+from modules.tabular import MISSING_ID, columns_to_batch
+
+
+class DataSource(Protocol):
+    skipped_rows: int
+
+    def train_batches(
+        self, rank: int, world_size: int, start_step: int, stop_step: int
+    ) -> Iterator[Batch]: ...
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]: ...
+
+
+class PlantedSource:
+    """Synthetic planted-signal data (modules/synthetic.py): batch = f(seed, split, rank, step)."""
+
+    skipped_rows = 0
+
+    def __init__(self, data: PlantedClickData, num_eval_batches: int) -> None:
+        self.data = data
+        self.num_eval_batches = num_eval_batches
+
+    def train_batches(self, rank, world_size, start_step, stop_step):
+        for step in range(start_step, stop_step):
+            yield self.data.batch("train", rank, step)[0]
+
+    def eval_batches(self, rank, world_size):
+        for step in range(self.num_eval_batches):
+            yield self.data.batch("eval", rank, step)[0]
+
+
+def check_feature_columns(groups: list[FeatureGroupSpec], columns: list[str], source: str) -> None:
+    """Every configured feature must name a categorical column of the data."""
+    missing = [f.name for f in all_features(groups) if f.name not in columns]
+    if missing:
+        raise ValueError(
+            f"{source}: features {missing} have no categorical column (columns: {columns})"
+        )
+
+
+class CriteoSource:
+    """Preprocessed Criteo shards (scripts/preprocess_criteo.py), memory-mapped.
+
+    Train: step s of rank r reads rows [(s * world + r) * B, +B) of the train split, wrapping
+    around at the end (epochs), so a batch is a pure function of (step, rank). Eval: the
+    held-out split is cut into ``world`` equal slices (dropping at most world-1 rows), each
+    rank evaluating its slice in batches of B.
+    """
+
+    def __init__(
+        self, train_dir: Path, eval_dir: Path, groups: list[FeatureGroupSpec], batch_size: int,
+        num_dense_features: int,
+    ) -> None:
+        if num_dense_features != NUM_DENSE:
+            raise ValueError(
+                f"Criteo data has {NUM_DENSE} dense features; features.num_dense_features is "
+                f"{num_dense_features}"
+            )
+        check_feature_columns(groups, CATEGORICAL_NAMES, "Criteo data")
+        self.train = CriteoColumns(train_dir)
+        self.eval = CriteoColumns(eval_dir)
+        self.groups = groups
+        self.batch_size = batch_size
+        self.skipped_rows = self.train.skipped_rows + self.eval.skipped_rows
+        self._columns = {name: index for index, name in enumerate(CATEGORICAL_NAMES)}
+
+    def _batch(self, block) -> Batch:
+        categorical = {
+            f.name: block.categorical[:, self._columns[f.name]] for f in all_features(self.groups)
+        }
+        return columns_to_batch(block.labels, block.dense, categorical, self.groups)
+
+    def train_batches(self, rank, world_size, start_step, stop_step):
+        for step in range(start_step, stop_step):
+            start = (step * world_size + rank) * self.batch_size
+            yield self._batch(self.train.wrapped_rows(start, self.batch_size))
+
+    def eval_batches(self, rank, world_size):
+        per_rank = self.eval.num_rows // world_size
+        if per_rank == 0:
+            raise ValueError(
+                f"{self.eval.directory}: {self.eval.num_rows} eval rows for {world_size} ranks"
+            )
+        first = rank * per_rank
+        for start in range(first, first + per_rank, self.batch_size):
+            yield self._batch(self.eval.rows(start, min(start + self.batch_size, first + per_rank)))
+
+
+def string_ids(values: np.ndarray) -> np.ndarray:
+    """Strings -> int64 raw IDs: the first 8 bytes of blake2b of the UTF-8 text, as a
+    non-negative int64; the same on every machine and run. Hashes each distinct value once.
+    None becomes MISSING_ID."""
+    uniques, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    hashed = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+            for text in uniques
+        ],
+        dtype=np.int64,
+    )
+    out = hashed[inverse]
+    out[np.asarray([v is None for v in values])] = MISSING_ID
+    return out
+
+
+class ParquetSource:
+    """A directory of Parquet files read by row group, round-robin over ranks.
+
+    Train: rank r reads row groups r, r + world, ... of the sorted file list, in batches of
+    B, cycling; every rank has the same number of batches per step because the stream never
+    ends. A start step > 0 skips that many batches (deterministic, so a resume sees the same
+    data). Eval: rank r takes its row groups of the eval directory and evaluates the first
+    ``min over ranks`` full batches, so every rank runs the same count.
+    """
+
+    def __init__(
+        self,
+        train_dir: Path,
+        eval_dir: Path,
+        groups: list[FeatureGroupSpec],
+        batch_size: int,
+        label_column: str,
+        dense_columns: list[str],
+        categorical_columns: list[str],
+    ) -> None:
+        import pyarrow.parquet as pq  # only needed for this source
+
+        self._pq = pq
+        self.groups = groups
+        self.batch_size = batch_size
+        self.label_column = label_column
+        self.dense_columns = dense_columns
+        self.categorical_columns = categorical_columns
+        self.skipped_rows = 0
+        check_feature_columns(groups, categorical_columns, f"parquet data {train_dir}")
+        self.train_groups = self._row_groups(train_dir)
+        self.eval_groups = self._row_groups(eval_dir)
+
+    def _row_groups(self, directory: Path) -> list[tuple[Path, int, int]]:
+        files = sorted(directory.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no *.parquet files")
+        groups = []
+        for path in files:
+            metadata = self._pq.ParquetFile(path).metadata
+            schema_names = set(metadata.schema.names)
+            wanted = [self.label_column, *self.dense_columns, *self.categorical_columns]
+            absent = [name for name in wanted if name not in schema_names]
+            if absent:
+                raise ValueError(f"{path}: columns {absent} are missing (has {sorted(schema_names)})")
+            groups += [(path, index, metadata.row_group(index).num_rows) for index in range(metadata.num_row_groups)]
+        return groups
+
+    def _read(self, path: Path, index: int) -> dict[str, np.ndarray]:
+        table = self._pq.ParquetFile(path).read_row_group(
+            index, columns=[self.label_column, *self.dense_columns, *self.categorical_columns]
+        )
+        columns: dict[str, np.ndarray] = {}
+        for name in table.column_names:
+            column = table.column(name)
+            if name in self.categorical_columns:
+                if column.type == "string" or str(column.type) in ("string", "large_string"):
+                    columns[name] = string_ids(column.to_numpy(zero_copy_only=False))
+                else:
+                    columns[name] = column.fill_null(MISSING_ID).to_numpy().astype(np.int64)
+            else:
+                columns[name] = column.fill_null(0).to_numpy(zero_copy_only=False)
+        return columns
+
+    def _batches(self, row_groups, cycle: bool) -> Iterator[Batch]:
+        if not row_groups:
+            return
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        while True:
+            for path, index, _ in row_groups:
+                buffer.append(self._read(path, index))
+                buffered += len(buffer[-1][self.label_column])
+                while buffered >= self.batch_size:
+                    merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+                    yield self._to_batch({k: v[: self.batch_size] for k, v in merged.items()})
+                    buffer = [{k: v[self.batch_size :] for k, v in merged.items()}]
+                    buffered -= self.batch_size
+            if not cycle:
+                return
+
+    def _to_batch(self, columns: dict[str, np.ndarray]) -> Batch:
+        dense = np.stack([columns[name].astype(np.float32) for name in self.dense_columns], axis=1)
+        categorical = {name: columns[name] for name in self.categorical_columns}
+        return columns_to_batch(columns[self.label_column], dense, categorical, self.groups)
+
+    def train_batches(self, rank, world_size, start_step, stop_step):
+        mine = self.train_groups[rank::world_size]
+        if not mine:
+            raise ValueError(f"{len(self.train_groups)} parquet row groups for {world_size} ranks")
+        stream = self._batches(mine, cycle=True)
+        for step in range(stop_step):
+            batch = next(stream)
+            if step >= start_step:
+                yield batch
+
+    def eval_batches(self, rank, world_size):
+        rows_per_rank = [
+            sum(rows for _, _, rows in self.eval_groups[r::world_size]) for r in range(world_size)
+        ]
+        count = min(rows_per_rank) // self.batch_size
+        if count == 0:
+            raise ValueError(f"eval parquet data has too few rows for {world_size} ranks of batch {self.batch_size}")
+        stream = self._batches(self.eval_groups[rank::world_size], cycle=False)
+        for _ in range(count):
+            yield next(stream)

@@ -1,0 +1,44 @@
+"""Column blocks (labels, dense matrix, one raw-ID column per feature) -> Batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from modules.batch import Batch
+from modules.features import FeatureGroupSpec
+
+MISSING_ID = -1  # an empty categorical value: an empty bag, not an ID
+
+
+def columns_to_batch(
+    labels: np.ndarray,
+    dense: np.ndarray,
+    categorical: dict[str, np.ndarray],
+    groups: list[FeatureGroupSpec],
+) -> Batch:
+    """Build a Batch from one-value-per-row categorical columns.
+
+    Args:
+        labels: [N] 0/1.
+        dense: [N, num_dense] float32 (already transformed).
+        categorical: feature name -> int64 [N] raw IDs, MISSING_ID where the value is absent
+            (that sample's bag for the feature is empty: pooled to a zero vector).
+    """
+    sparse = {}
+    for group in groups:
+        values, lengths = [], []
+        for feature in group.features:
+            column = np.asarray(categorical[feature.name], dtype=np.int64)
+            present = column != MISSING_ID
+            values.append(torch.from_numpy(column[present]))
+            lengths.append(torch.from_numpy(present.astype(np.int32)))
+        sparse[group.name] = KeyedJaggedTensor(
+            keys=group.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
+        )
+    return Batch(
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+        sparse_features=sparse,
+        labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),
+    )
