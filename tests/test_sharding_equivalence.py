@@ -10,7 +10,7 @@ from modules.synthetic import PlantedClickData
 from tests.helpers import TINY, compose_config, concat_batches, run_ranks
 from train.build import build_click_model, build_sharded_job, feature_groups, init_tables
 from train.distributed import DistributedContext
-from train.run import planted_data
+from train.data import planted_data
 from train.tables import local_table_blocks
 
 SHARDINGS = [

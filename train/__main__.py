@@ -7,14 +7,12 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from train.config import register_configs
 from train.run import ConfigError, run
-from train.run_dir import run_id
 
 register_configs()
-OmegaConf.register_new_resolver("hashrec_run_id", run_id, use_cache=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -24,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"hashrec: config error: {error}", file=sys.stderr)
+        print(f"hashrec: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -8,10 +8,11 @@ group starts. Checks that need more than a type live in ``__post_init__``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 SHARDING_TYPES = (
     "data_parallel",
@@ -124,20 +125,39 @@ class PlantedSignalConfig:
     bias: float = -1.0
 
 
+DATA_SOURCES = ("synthetic", "criteo", "parquet")
+
+
 @dataclass
 class DataConfig:
     """Where batches come from."""
 
     name: str = MISSING
-    # synthetic: planted-signal click data generated on the fly.
+    # synthetic: planted-signal data generated on the fly; criteo: Criteo click logs (raw
+    # files, preprocessed on first use, or preprocessed shard directories); parquet: a
+    # directory of Parquet files with the columns named below.
     source: str = "synthetic"
-    # Held-out batches per rank evaluated at each evaluation.
+    # synthetic: held-out batches per rank evaluated at each evaluation.
     eval_batches: int = 8
     planted: PlantedSignalConfig = field(default_factory=PlantedSignalConfig)
+    # criteo / parquet: training and held-out data (files or directories).
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    # criteo: where raw files are preprocessed to (once; reused while the input is unchanged).
+    cache_dir: str = "data_cache"
+    # A malformed row: fail (name file and line) or skip (counted in the summary).
+    on_bad_row: str = "fail"
+    # parquet: column names; categorical columns must be named like the features.
+    label_column: str = "label"
+    dense_columns: List[str] = field(default_factory=list)
+    categorical_columns: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, ("synthetic",))
+        _check_choice("data.source", self.source, DATA_SOURCES)
         _check_positive("data.eval_batches", self.eval_batches)
+        _check_choice("data.on_bad_row", self.on_bad_row, ("fail", "skip"))
+        if self.source != "synthetic" and not (self.train_path and self.eval_path):
+            raise ValueError(f"data.source={self.source} needs data.train_path and data.eval_path")
 
 
 @dataclass
@@ -187,16 +207,34 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    """Console progress now; W&B modes for the W&B logger."""
+    """Metrics to W&B and metrics.jsonl (rank 0 only), progress on rank 0's console."""
 
     name: str = MISSING
-    mode: str = "disabled"
-    # Console progress line every this many steps.
+    # W&B: offline (files under the run dir, `wandb sync` later; no network), online, disabled.
+    mode: str = "offline"
+    # Every this many steps: gather per-rank figures (one collective), log, report progress.
     log_every: int = 50
+    # W&B project, entity (user or team; null = the key's default), group, tags, run name.
+    project: str = "hashrec"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    run_name: Optional[str] = None
+    # Force a W&B run id; null = the id saved in the run dir (a resumed job continues it) or new.
+    run_id: Optional[str] = None
+    # Seconds wandb.init may wait for the W&B server before the run falls back to offline.
+    init_timeout_s: float = 90.0
+    # online: W&B's system monitor (CPU/GPU utilisation charts); always off offline.
+    system_stats: bool = True
+    # Also write every metric to <run dir>/metrics.jsonl (readable without W&B).
+    jsonl: bool = True
+    # A tqdm bar when stdout is a terminal; false = plain lines always.
+    progress_bar: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("logger.mode", self.mode, LOGGER_MODES)
         _check_positive("logger.log_every", self.log_every)
+        _check_positive("logger.init_timeout_s", self.init_timeout_s)
 
 
 @dataclass
@@ -248,8 +286,19 @@ class Config:
     plan_only: bool = False
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_configs() -> None:
-    """Register the schema so conf/*.yaml files are validated against it."""
+    """Register the schema so conf/*.yaml files are validated against it, and the resolvers
+    the YAML files use: ${hashrec_run_id:} (train/run_dir.py) and ${hashrec_repo:} (the
+    repository root, for data shipped beside it)."""
+    from train.run_dir import run_id
+
+    if not OmegaConf.has_resolver("hashrec_run_id"):
+        OmegaConf.register_new_resolver("hashrec_run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("hashrec_repo"):
+        OmegaConf.register_new_resolver("hashrec_repo", lambda: str(REPO_ROOT))
     store = ConfigStore.instance()
     store.store(name="config_schema", node=Config)
     for group, node in (

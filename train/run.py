@@ -12,12 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
-from modules.metrics import auc
-from modules.synthetic import PlantedClickData, PlantedSignal
 from train.build import build_sharded_job, feature_groups
+from train.data import build_data_source
 from train.config import Config
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
-from train.loop import Trainer, gather_concat
+from train.loop import Trainer
 from train.optimizers import WarmupDecaySchedule
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
@@ -39,33 +38,6 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if isinstance(cfg, Config):
         return cfg
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-def planted_data(config: Config, groups) -> PlantedClickData:
-    planted = config.data.planted
-    return PlantedClickData(
-        groups=groups,
-        num_dense_features=config.features.num_dense_features,
-        batch_size=config.trainer.batch_size,
-        seed=config.trainer.seed,
-        signal=PlantedSignal(
-            latent_dim=planted.latent_dim,
-            pair_weight=planted.pair_weight,
-            id_bias_weight=planted.id_bias_weight,
-            dense_weight=planted.dense_weight,
-            bias=planted.bias,
-        ),
-    )
-
-
-def bayes_auc(data: PlantedClickData, rank: int, num_batches: int) -> float:
-    """AUC of the true click probabilities on the eval labels: the best any model can do."""
-    probabilities, labels = [], []
-    for step in range(num_batches):
-        batch, probability = data.batch("eval", rank, step)
-        probabilities.append(probability)
-        labels.append(batch.labels)
-    return auc(gather_concat(torch.cat(probabilities)), gather_concat(torch.cat(labels)))
 
 
 class ConfigError(Exception):
@@ -114,19 +86,20 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     if config.plan_only:
         return {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
 
-    data = planted_data(config, groups)
-    rank = context.rank
+    try:
+        source, eval_bayes_auc = build_data_source(config, groups, context)
+    except (ValueError, OSError) as error:  # missing paths, malformed rows, wrong columns
+        raise ConfigError(str(error)) from error
+    rank, world_size = context.rank, context.world_size
+    if eval_bayes_auc is not None:
+        say(f"planted data: Bayes-optimal eval AUC {eval_bayes_auc:.4f}")
 
     def train_batches(start: int, stop: int) -> Iterator[Batch]:
-        for step in range(start, stop):
-            yield data.batch("train", rank, step)[0]
+        return source.train_batches(rank, world_size, start, stop)
 
     def eval_batches() -> Iterator[Batch]:
-        for step in range(config.data.eval_batches):
-            yield data.batch("eval", rank, step)[0]
+        return source.eval_batches(rank, world_size)
 
-    eval_bayes_auc = bayes_auc(data, rank, config.data.eval_batches)
-    say(f"planted data: Bayes-optimal eval AUC {eval_bayes_auc:.4f}")
     schedule = WarmupDecaySchedule(job.optimizer, config.optim)
     trainer = Trainer(
         model=job.model,
@@ -158,6 +131,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "embedding_bytes": sum(per_rank),
         "embedding_bytes_per_rank": per_rank,
         "sharding": sharding,
+        "skipped_rows": source.skipped_rows,
         "hashing": None,
         "wandb_dir": None,
         "wall_seconds": time.perf_counter() - started,

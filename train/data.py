@@ -1,0 +1,120 @@
+"""data config -> a data source (modules/data_sources.py), preprocessing raw Criteo files once.
+
+Raw Criteo inputs (``.tsv``, ``.txt``, ``.gz`` files) are preprocessed on rank 0 into
+``data.cache_dir`` under a key of (path, size, mtime, on_bad_row), while the other ranks wait;
+a later run with the same input reuses the shards. Preprocessed directories (from
+scripts/preprocess_criteo.py) are read directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from modules.criteo import BadRowError
+from modules.criteo_preprocess import preprocess
+from modules.data_sources import CriteoSource, DataSource, ParquetSource, PlantedSource
+from modules.features import FeatureGroupSpec
+from modules.metrics import auc
+from modules.synthetic import PlantedClickData, PlantedSignal
+from train.config import Config
+from train.distributed import DistributedContext
+from train.loop import gather_concat
+
+RAW_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
+
+
+def planted_data(config: Config, groups: list[FeatureGroupSpec]) -> PlantedClickData:
+    planted = config.data.planted
+    return PlantedClickData(
+        groups=groups,
+        num_dense_features=config.features.num_dense_features,
+        batch_size=config.trainer.batch_size,
+        seed=config.trainer.seed,
+        signal=PlantedSignal(
+            latent_dim=planted.latent_dim,
+            pair_weight=planted.pair_weight,
+            id_bias_weight=planted.id_bias_weight,
+            dense_weight=planted.dense_weight,
+            bias=planted.bias,
+        ),
+    )
+
+
+def bayes_auc(data: PlantedClickData, rank: int, num_batches: int) -> float:
+    """AUC of the true click probabilities on the eval labels: the best any model can do
+    (a collective: every rank calls it)."""
+    probabilities, labels = [], []
+    for step in range(num_batches):
+        batch, probability = data.batch("eval", rank, step)
+        probabilities.append(probability)
+        labels.append(batch.labels)
+    return auc(gather_concat(torch.cat(probabilities)), gather_concat(torch.cat(labels)))
+
+
+def existing_path(text: str, key: str) -> Path:
+    """The path, or a one-line error naming the config key and the path."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: path does not exist: {path}")
+    return path
+
+
+def _cache_key(path: Path, on_bad_row: str) -> str:
+    stat = path.stat()
+    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{on_bad_row}"
+    return f"{path.name.replace('.', '_')}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def criteo_split_dir(path: Path, config: Config, context: DistributedContext) -> Path:
+    """A preprocessed split directory for ``path``, preprocessing a raw file on rank 0."""
+    if path.is_dir() or not path.name.endswith(RAW_SUFFIXES):
+        return path
+    out_dir = Path(config.data.cache_dir) / _cache_key(path, config.data.on_bad_row)
+    error = None
+    if context.is_main and not (out_dir / "manifest.json").exists():
+        try:
+            preprocess([path], out_dir, workers=1, skip_bad_rows=config.data.on_bad_row == "skip",
+                       progress=False)
+        except (BadRowError, OSError) as caught:
+            error = str(caught)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank learns whether rank 0 succeeded, instead of waiting forever.
+        status = [error]
+        dist.broadcast_object_list(status, src=0)
+        error = status[0]
+    if error:
+        raise BadRowError(error)
+    return out_dir
+
+
+def build_data_source(
+    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
+) -> tuple[DataSource, float | None]:
+    """The job's data source and, for planted data, the Bayes-optimal eval AUC."""
+    data = config.data
+    if data.source == "synthetic":
+        planted = planted_data(config, groups)
+        return (
+            PlantedSource(planted, data.eval_batches),
+            bayes_auc(planted, context.rank, data.eval_batches),
+        )
+    train_path = existing_path(data.train_path, "data.train_path")
+    eval_path = existing_path(data.eval_path, "data.eval_path")
+    if data.source == "criteo":
+        source: DataSource = CriteoSource(
+            criteo_split_dir(train_path, config, context),
+            criteo_split_dir(eval_path, config, context),
+            groups,
+            config.trainer.batch_size,
+            config.features.num_dense_features,
+        )
+    else:
+        source = ParquetSource(
+            train_path, eval_path, groups, config.trainer.batch_size,
+            data.label_column, list(data.dense_columns), list(data.categorical_columns),
+        )
+    return source, None
