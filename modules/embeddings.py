@@ -10,22 +10,34 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from modules.features import FeatureGroupSpec
 from modules.hash_functions import hash64, seed_salt, uniform_from_hash
+from modules.hashing import TableSpec, feature_tables
 
 # Rows initialised per chunk, to bound the temporary memory of initialising a huge table.
 _INIT_CHUNK_VALUES = 1 << 24
 
 
+def group_tables(group: FeatureGroupSpec) -> list[TableSpec]:
+    """The group's tables in feature order: one per feature, or several where its hashing
+    method says so (``f_q``/``f_r`` for QR, ``f_weights`` for importance weights)."""
+    return [
+        table
+        for feature in group.features
+        for table in feature_tables(feature, group.embedding_dim)
+    ]
+
+
 def table_configs(group: FeatureGroupSpec) -> list[EmbeddingBagConfig]:
-    """One sum-pooled table per feature, named after the feature."""
+    """Sum-pooled TorchRec tables; a table read by several keys (multi-hash probes) is one
+    table with several feature names, TorchRec's way of sharing a table."""
     return [
         EmbeddingBagConfig(
-            name=feature.name,
-            embedding_dim=group.embedding_dim,
-            num_embeddings=feature.num_embeddings,
-            feature_names=[feature.name],
+            name=table.name,
+            embedding_dim=table.embedding_dim,
+            num_embeddings=table.num_embeddings,
+            feature_names=list(table.feature_names),
             pooling=PoolingType.SUM,
         )
-        for feature in group.features
+        for table in group_tables(group)
     ]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from modules.hashing import HashingSpec, check_hashing, feature_tables
+
 FLOAT32_BYTES = 4
 
 
@@ -17,7 +19,7 @@ class FeatureSpec:
     """One categorical feature and the table its IDs land in.
 
     Attributes:
-        name: feature key in batches and summaries; also the name of its table.
+        name: feature key in batches and summaries.
         id_space: declared number of distinct raw IDs (the vocabulary the table would need
             without hashing); used for memory and collision reports.
         num_embeddings: rows of the feature's table.
@@ -27,6 +29,8 @@ class FeatureSpec:
             probability (0 = pure noise feature).
         scramble_ids: synthetic data only: emit IDs as scrambled 63-bit values (as real hashed
             IDs look) instead of 0..id_space-1.
+        hashing: how raw IDs reach rows (modules/hashing.py); the tables it implies may be
+            named after the feature (``name``, ``name_q``/``name_r``, ``name_weights``).
     """
 
     name: str
@@ -36,6 +40,7 @@ class FeatureSpec:
     zipf_exponent: float = 1.05
     signal_weight: float = 1.0
     scramble_ids: bool = True
+    hashing: HashingSpec = field(default_factory=HashingSpec)
 
     def __post_init__(self) -> None:
         if self.id_space <= 0:
@@ -52,6 +57,7 @@ class FeatureSpec:
             raise ValueError(
                 f"feature {self.name}: zipf_exponent must be > 0, got {self.zipf_exponent}"
             )
+        check_hashing(self)
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,22 @@ def all_features(groups: list[FeatureGroupSpec]) -> list[FeatureSpec]:
 
 
 def check_unique_names(groups: list[FeatureGroupSpec]) -> None:
-    """Feature and group names key tables, batches and reports: each must be unique."""
+    """Feature, table and group names key batches, tables and reports: each must be unique."""
     seen: set[str] = set()
     for feature in all_features(groups):
         if feature.name in seen:
             raise ValueError(f"feature {feature.name} is declared twice")
         seen.add(feature.name)
+    tables: dict[str, str] = {}
+    for group in groups:
+        for feature in group.features:
+            for table in feature_tables(feature, group.embedding_dim):
+                if table.name in tables:
+                    raise ValueError(
+                        f"table {table.name} (of feature {feature.name}) clashes with a table of "
+                        f"feature {tables[table.name]}; rename one of the features"
+                    )
+                tables[table.name] = feature.name
     group_names = [group.name for group in groups]
     if len(set(group_names)) != len(group_names):
         raise ValueError(f"feature group names must be unique, got {group_names}")

@@ -1,12 +1,19 @@
 """Raw IDs -> table rows. The one place where raw IDs meet table sizes.
 
 Batches carry raw int64 IDs (any value). Before the embedding lookup, each feature's IDs
-are mapped onto its table's rows. This module is part of the model (the same mapping must
-run at serving time) and runs as a KJT -> KJT step in front of each EmbeddingBagCollection;
+are mapped onto its tables' rows by its hashing method (``modules/hashing.py``). The mapper is
+part of the model (the same mapping runs at serving time; frequency tables are buffers in its
+state dict) and runs as a KJT -> KJT step in front of each EmbeddingBagCollection;
 TrainPipelineSparseDist pipelines it as a "postproc" module when built with
 ``pipeline_postproc=True``, so input distribution still overlaps compute.
 
-Plain modulo is the baseline; the hashing methods replace it here.
+One vectorised pass serves every method: each *output* key (a feature, or one of its probes
+or QR parts) has parameters (salt, whether to hash, moduli, divisor, row offset) and
+
+    base = hash64(id, salt) & (2^63 - 1)  if the key hashes, else id
+    row  = ((base mod m1) div d) mod m2 + offset
+
+so the default job pays one hash over all its IDs, not one small kernel chain per feature.
 """
 
 from __future__ import annotations
@@ -15,46 +22,217 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from modules.features import FeatureSpec
+from modules.hash_functions import non_negative, seed_salt, splitmix64
+from modules.hashing import feature_keys, qr_remainder_rows, qr_virtual_size
 
-class ModuloIdMapper(nn.Module):
-    """Row = raw ID mod num_embeddings, per feature (non-negative for negative IDs too).
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+# Rows of the per-key parameter table.
+_SALT, _USE_HASH, _MOD1, _DIV, _MOD2, _OFFSET, _LOWER, _UPPER = range(8)
+
+
+def _key_parameters(feature: FeatureSpec) -> list[list[int]]:
+    """One parameter column per output key of the feature (see the module docstring)."""
+    spec, rows = feature.hashing, feature.num_embeddings
+
+    def salt(*parts: int | str) -> int:
+        return seed_salt(spec.seed, "id-hash", feature.name, *parts)
+
+    def column(salt_value=0, use_hash=1, mod1=rows, div=1, mod2=None, offset=0,
+               lower=_INT64_MIN, upper=_INT64_MAX) -> list[int]:
+        return [salt_value, use_hash, mod1, div, mod1 if mod2 is None else mod2, offset,
+                lower, upper]
+
+    method = spec.method
+    if method == "none":
+        return [column(use_hash=0, lower=0, upper=rows)]
+    if method == "modulo":
+        return [column(use_hash=0)]
+    if method == "hash":
+        return [column(salt(0))]
+    if method == "multi_hash":
+        columns = [column(salt(i)) for i in range(spec.num_hashes)]
+        if spec.importance_rows > 0:
+            columns.append(column(salt("importance"), mod1=spec.importance_rows))
+        return columns
+    if method == "qr":
+        q, virtual = qr_remainder_rows(feature), qr_virtual_size(feature)
+        return [
+            column(salt(0), mod1=virtual, div=q, mod2=virtual // q),
+            column(salt(0), mod1=virtual, mod2=q),
+        ]
+    if method == "frequency":
+        num_frequent = spec.frequent_ids.numel()  # type: ignore[union-attr]
+        return [column(salt(0), mod1=rows - num_frequent, offset=num_frequent)]
+    raise ValueError(f"feature {feature.name}: unknown hashing method {method!r}")
+
+
+class HashingIdMapper(nn.Module):
+    """Maps a group's KJT of raw IDs to the KJT its EmbeddingBagCollection reads.
 
     Args:
-        num_embeddings_per_feature: feature name -> rows of its table, in the KJT's key order.
+        features: the group's features, in the input KJT's key order.
+
+    Input: KJT with keys = the features' names, values = raw int64 IDs [sum of lengths].
+    Output: KJT with keys = every feature's mapped keys in table order (a feature ``f`` with
+    method multi_hash gives ``f#h0..f#h{k-1}`` and maybe ``f#w``, qr gives ``f#q, f#r``), each
+    key carrying its source feature's lengths and int64 rows.
 
     Example::
 
-        mapper = ModuloIdMapper({"user_id": 1000})
+        mapper = HashingIdMapper([FeatureSpec("user_id", 10**9, 1000,
+                                              hashing=HashingSpec("hash"))])
         rows = mapper(KeyedJaggedTensor(["user_id"], torch.tensor([12345, -7]),
                                         lengths=torch.tensor([1, 1])))
-        # rows.values() == tensor([345, 993])
+        # rows.values(): two rows in [0, 1000)
     """
 
-    def __init__(self, num_embeddings_per_feature: dict[str, int]) -> None:
+    def __init__(self, features: list[FeatureSpec]) -> None:
         super().__init__()
-        self.feature_names = list(num_embeddings_per_feature)
-        # A buffer so it follows the model to its device.
+        self.input_keys = [feature.name for feature in features]
+        self.output_keys: list[str] = []
+        source: list[int] = []
+        columns: list[list[int]] = []
+        for index, feature in enumerate(features):
+            keys = feature_keys(feature)
+            self.output_keys += keys
+            source += [index] * len(keys)
+            columns += _key_parameters(feature)
+        # Output key -> index of the input feature it reads.
+        self.source_index = source
+        self.expands = self.output_keys != self.input_keys
+        self.has_range_check = any(f.hashing.method == "none" for f in features)
+        self.hashes = any(column[_USE_HASH] for column in columns)
+        self.factorises = any(c[_DIV] != 1 or c[_MOD2] != c[_MOD1] for c in columns)
+        # A buffer so it follows the model to its device; [8, num_output_keys].
         self.register_buffer(
-            "num_embeddings",
-            torch.tensor(list(num_embeddings_per_feature.values()), dtype=torch.int64),
+            "key_parameters", torch.tensor(columns, dtype=torch.int64).t().contiguous(),
             persistent=False,
         )
+        self.register_buffer(
+            "source", torch.tensor(source, dtype=torch.int64), persistent=False
+        )
+        # Frequency features: their IDs sorted (for searchsorted) and each one's own row.
+        # Persistent: the mapping is part of the model and saved with it.
+        self.frequency_keys: list[int] = []
+        for index, feature in enumerate(features):
+            if feature.hashing.method != "frequency":
+                continue
+            ids = feature.hashing.frequent_ids.to(torch.int64)  # type: ignore[union-attr]
+            sorted_ids, order = torch.sort(ids)
+            key_index = self.output_keys.index(feature.name)
+            self.frequency_keys.append(key_index)
+            self.register_buffer(f"frequent_ids_{key_index}", sorted_ids)
+            self.register_buffer(f"frequent_rows_{key_index}", order)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Args: KJT of raw IDs [sum of lengths]. Returns: KJT of rows, same keys and lengths."""
-        # length_per_key() is computed on the host from lengths: per-value divisors without a
-        # Python loop over features.
-        divisors = torch.repeat_interleave(
-            self.num_embeddings,
-            torch.tensor(features.length_per_key(), device=self.num_embeddings.device),
-            output_size=features.values().numel(),
+        if features.keys() != self.input_keys:
+            raise ValueError(
+                f"id mapper expects keys {self.input_keys}, got {features.keys()}"
+            )
+        # length_per_key() is computed on the host from the lengths (TorchRec caches it).
+        input_lengths_per_key = features.length_per_key()
+        values, lengths = features.values(), features.lengths()
+        if self.expands:
+            offsets = features.offset_per_key()
+            values = torch.cat(
+                [values[offsets[s] : offsets[s + 1]] for s in self.source_index]
+            )
+            lengths = lengths.view(len(self.input_keys), -1)[self.source].reshape(-1)
+            lengths_per_key = [input_lengths_per_key[s] for s in self.source_index]
+        else:
+            lengths_per_key = input_lengths_per_key
+        parameters = torch.repeat_interleave(
+            self.key_parameters,
+            torch.tensor(lengths_per_key, device=values.device),
+            dim=1,
+            output_size=values.numel(),
         )
+        if self.has_range_check:
+            self._check_range(values, parameters, lengths_per_key)
+        base = values
+        if self.hashes:
+            # hash64 with a per-value salt: splitmix64(id xor salt of its key or probe).
+            hashed = non_negative(splitmix64(values ^ parameters[_SALT]))
+            base = torch.where(parameters[_USE_HASH].bool(), hashed, values)
+        rows = torch.remainder(base, parameters[_MOD1])
+        if self.factorises:
+            rows = torch.remainder(torch.div(rows, parameters[_DIV], rounding_mode="floor"),
+                                   parameters[_MOD2])
+        rows = rows + parameters[_OFFSET]
+        if self.frequency_keys:
+            rows = self._frequent_rows(values, rows, lengths_per_key)
         return KeyedJaggedTensor(
-            keys=features.keys(),
-            values=torch.remainder(features.values(), divisors),
-            lengths=features.lengths(),
-            offsets=features.offsets(),
+            keys=self.output_keys,
+            values=rows,
+            lengths=lengths,
             stride=features.stride(),
-            length_per_key=features.length_per_key(),
-            offset_per_key=features.offset_per_key(),
+            length_per_key=lengths_per_key,
         )
+
+    def _check_range(
+        self, values: torch.Tensor, parameters: torch.Tensor, lengths_per_key: list[int]
+    ) -> None:
+        """Method ``none``: IDs outside [0, rows) are an input error, never a silent wrap or a
+        crash inside the lookup kernel. ``.any()`` is a host-device sync on GPU."""
+        bad = (values < parameters[_LOWER]) | (values >= parameters[_UPPER])
+        if bool(bad.any()):
+            position = int(torch.nonzero(bad)[0])
+            key_index, start = 0, 0
+            while start + lengths_per_key[key_index] <= position:
+                start += lengths_per_key[key_index]
+                key_index += 1
+            rows = int(parameters[_UPPER, position])
+            raise IdOutOfRangeError(
+                f"feature {self.output_keys[key_index]} (hashing none): raw ID "
+                f"{int(values[position])} is outside [0, {rows}); use hashing modulo or hash "
+                f"for IDs that are not already row numbers"
+            )
+
+    def _frequent_rows(
+        self, values: torch.Tensor, rows: torch.Tensor, lengths_per_key: list[int]
+    ) -> torch.Tensor:
+        """Frequent IDs take their own row (their rank); the rest keep their hashed row."""
+        starts = [0]
+        for length in lengths_per_key:
+            starts.append(starts[-1] + length)
+        pieces = []
+        previous = 0
+        for key_index in self.frequency_keys:
+            start, stop = starts[key_index], starts[key_index + 1]
+            sorted_ids = getattr(self, f"frequent_ids_{key_index}")
+            own_rows = getattr(self, f"frequent_rows_{key_index}")
+            ids = values[start:stop]
+            position = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
+            found = sorted_ids[position] == ids
+            pieces += [rows[previous:start], torch.where(found, own_rows[position], rows[start:stop])]
+            previous = stop
+        pieces.append(rows[previous:])
+        return torch.cat(pieces)
+
+    def feature_rows(self, feature_name: str, raw_ids: torch.Tensor) -> torch.Tensor:
+        """The rows one feature's raw IDs map to, through the very same forward.
+
+        Args:
+            raw_ids: int64 [N] IDs of ``feature_name``.
+        Returns:
+            int64 [N, C]: a row per mapped key of the feature (C = 1, k, k + 1 or 2).
+        """
+        num_keys = len(self.input_keys)
+        lengths = torch.zeros(num_keys, raw_ids.numel(), dtype=torch.int32)
+        lengths[self.input_keys.index(feature_name)] = 1
+        mapped = self(
+            KeyedJaggedTensor(
+                keys=self.input_keys, values=raw_ids.to(torch.int64), lengths=lengths.reshape(-1)
+            )
+        ).to_dict()
+        keys = [
+            key for key, s in zip(self.output_keys, self.source_index)
+            if self.input_keys[s] == feature_name
+        ]
+        return torch.stack([mapped[key].values() for key in keys], dim=1)
+
+
+class IdOutOfRangeError(ValueError):
+    """A raw ID that a feature with hashing ``none`` cannot take; one line naming both."""

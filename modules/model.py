@@ -17,6 +17,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from modules.batch import Batch
 from modules.features import FeatureGroupSpec
+from modules.hash_combine import PooledCombiner
+from modules.hashing import feature_output_dim
 
 INTERACTIONS = ("dot", "dcn")
 
@@ -57,12 +59,13 @@ class CrossInteraction(nn.Module):
 
 
 class EmbeddingGroup(nn.Module):
-    """One feature group's sparse side: raw-ID mapping, then the group's EBC.
+    """One feature group's sparse side: raw-ID mapping, the group's EBC, then combining.
 
     Keeping the mapper and the EBC together as children of one module makes TorchRec's
     pipeline tracer treat the mapper as a leaf it can run as a pipelined postproc.
 
-    Input: KJT of raw IDs for the group's features. Output: feature name -> pooled [B, D].
+    Input: KJT of raw IDs for the group's features. Output: one pooled [B, D_f] per feature,
+    in feature order (D_f = D unless a concat combiner widens it).
     """
 
     def __init__(
@@ -70,19 +73,20 @@ class EmbeddingGroup(nn.Module):
         feature_names: list[str],
         id_mapper: nn.Module,
         embedding_collection: EmbeddingBagCollection,
+        combiner: PooledCombiner,
     ) -> None:
         super().__init__()
         self.feature_names = feature_names
         self.id_mapper = id_mapper
         self.embedding_collection = embedding_collection
+        self.combiner = combiner
 
     def forward(self, raw_ids: KeyedJaggedTensor) -> list[torch.Tensor]:
         rows = self.id_mapper(raw_ids)
         pooled: KeyedTensor = self.embedding_collection(rows)
         # A sharded EBC orders its output keys by sharding group, not feature order:
         # read by key.
-        pooled_by_feature = pooled.to_dict()
-        return [pooled_by_feature[name] for name in self.feature_names]
+        return self.combiner(pooled.to_dict())
 
 
 class ClickModel(nn.Module):
@@ -127,7 +131,10 @@ class ClickModel(nn.Module):
         self.embedding_groups = nn.ModuleDict(
             {
                 group.name: EmbeddingGroup(
-                    group.feature_names, id_mappers[group.name], embedding_collections[group.name]
+                    group.feature_names,
+                    id_mappers[group.name],
+                    embedding_collections[group.name],
+                    PooledCombiner(list(group.features)),
                 )
                 for group in groups
             }
@@ -135,6 +142,9 @@ class ClickModel(nn.Module):
         self.dense_arch = DenseArch(num_dense_features, dense_layer_sizes, device=device)
         dense_dim = dense_layer_sizes[-1]
         num_features = sum(len(group.features) for group in groups)
+        output_dims = {
+            f.name: feature_output_dim(f, g.embedding_dim) for g in groups for f in g.features
+        }
         if interaction == "dot":
             mismatched = [g.name for g in groups if g.embedding_dim != dense_dim]
             if mismatched:
@@ -143,9 +153,15 @@ class ClickModel(nn.Module):
                     f"dense layer size {dense_dim}; groups {mismatched} differ (use model=dcn "
                     f"for mixed dims)"
                 )
+            widened = sorted(name for name, dim in output_dims.items() if dim != dense_dim)
+            if widened:
+                raise ValueError(
+                    f"dot interaction needs one dim for every feature; hashing combine=concat "
+                    f"widens {widened} beyond {dense_dim} (use model=dcn, or combine sum/mult)"
+                )
             self.interaction: nn.Module = DotInteraction(num_features, dense_dim)
         else:
-            input_dim = dense_dim + sum(g.embedding_dim * len(g.features) for g in groups)
+            input_dim = dense_dim + sum(output_dims.values())
             self.interaction = CrossInteraction(input_dim, dcn_num_layers, dcn_low_rank_dim)
         self.over_arch = OverArch(self.interaction.output_dim, over_layer_sizes, device=device)
 

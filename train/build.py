@@ -16,11 +16,12 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
-from modules.embeddings import embedding_collection, fill_table_block
+from modules.embeddings import embedding_collection, fill_table_block, group_tables
 from modules.features import FeatureGroupSpec, FeatureSpec, check_unique_names
-from modules.id_mapping import ModuloIdMapper
+from modules.id_mapping import HashingIdMapper
 from modules.model import ClickModel, ClickModelTrain
-from train.config import Config, FeaturesConfig
+from train.config import Config, FeaturesConfig, HashingConfig
+from train.hashing import FrequencyFile, check_hashing_names, resolve_hashing
 from train.distributed import DistributedContext
 from train.optimizers import combined_optimizer, embedding_optimizer
 from train.sharding import (
@@ -37,15 +38,32 @@ from train.sharding import (
 from train.tables import local_table_blocks
 
 
-def feature_groups(config: FeaturesConfig) -> list[FeatureGroupSpec]:
-    """The feature set as specs: listed groups first, then generated tables."""
+def feature_groups(
+    config: FeaturesConfig, hashing: HashingConfig | None = None
+) -> list[FeatureGroupSpec]:
+    """The feature set as specs: listed groups first, then generated tables.
+
+    ``hashing`` picks each feature's hashing method and may resize its table
+    (``hashing.compression_ratio``); None keeps the baseline, modulo into num_embeddings rows.
+    """
+    frequency_file = FrequencyFile(hashing.frequency_file if hashing is not None else None)
+
+    def spec(name: str, id_space: int, num_embeddings: int, feature_method: str | None,
+             **kwargs) -> FeatureSpec:
+        rows, hashing_spec = resolve_hashing(
+            hashing, name, id_space, num_embeddings, feature_method, frequency_file
+        )
+        return FeatureSpec(name=name, id_space=id_space, num_embeddings=rows,
+                           hashing=hashing_spec, **kwargs)
+
     groups = []
     for group_name, group in config.groups.items():
         features = tuple(
-            FeatureSpec(
-                name=feature_name,
-                id_space=feature.id_space,
-                num_embeddings=feature.num_embeddings,
+            spec(
+                feature_name,
+                feature.id_space,
+                feature.num_embeddings,
+                feature.hashing,
                 ids_per_sample=feature.ids_per_sample,
                 zipf_exponent=feature.zipf_exponent,
                 signal_weight=feature.signal_weight,
@@ -62,10 +80,11 @@ def feature_groups(config: FeaturesConfig) -> list[FeatureGroupSpec]:
         width = len(str(generated.num_tables - 1))
         for index in range(generated.num_tables):
             per_group[index % generated.num_groups].append(
-                FeatureSpec(
-                    name=f"t{index:0{width}d}",
-                    id_space=generated.id_space,
-                    num_embeddings=generated.num_embeddings,
+                spec(
+                    f"t{index:0{width}d}",
+                    generated.id_space,
+                    generated.num_embeddings,
+                    None,
                     ids_per_sample=generated.ids_per_sample,
                     zipf_exponent=generated.zipf_exponent,
                     signal_weight=generated.signal_weight,
@@ -78,6 +97,8 @@ def feature_groups(config: FeaturesConfig) -> list[FeatureGroupSpec]:
         )
     if not groups:
         raise ValueError(f"features={config.name} declares no feature groups")
+    if hashing is not None:
+        check_hashing_names(hashing, [f.name for g in groups for f in g.features])
     check_unique_names(groups)
     return groups
 
@@ -96,8 +117,7 @@ def build_click_model(
         groups=groups,
         embedding_collections=embedding_collections,
         id_mappers={
-            group.name: ModuloIdMapper({f.name: f.num_embeddings for f in group.features})
-            for group in groups
+            group.name: HashingIdMapper(list(group.features)) for group in groups
         },
         num_dense_features=config.features.num_dense_features,
         dense_layer_sizes=list(config.model.dense_layer_sizes),
@@ -112,7 +132,7 @@ def build_click_model(
 @torch.no_grad()
 def init_tables(model: torch.nn.Module, groups: list[FeatureGroupSpec], seed: int) -> None:
     """Give every local table block its sharding-independent initial values."""
-    sizes = {f.name: (f.num_embeddings, g.embedding_dim) for g in groups for f in g.features}
+    sizes = {t.name: (t.num_embeddings, t.embedding_dim) for g in groups for t in group_tables(g)}
     for block in local_table_blocks(model):
         num_embeddings, embedding_dim = sizes[block.table_name]
         fill_table_block(

@@ -54,6 +54,9 @@ class FeatureConfig:
     signal_weight: float = 1.0
     # Synthetic data: emit scrambled 63-bit IDs (True) or 0..id_space-1 (False).
     scramble_ids: bool = True
+    # This feature's hashing method unless hashing.features names it (null = hashing.method);
+    # e.g. none for IDs that already are row numbers in [0, num_embeddings).
+    hashing: Optional[str] = None
 
 
 @dataclass
@@ -93,6 +96,73 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         _check_positive("features.embedding_dim", self.embedding_dim)
         _check_positive("features.num_dense_features", self.num_dense_features)
+
+
+HASHING_METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency")
+
+
+def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingConfig") -> None:
+    if values.method is not None:
+        _check_choice(f"{where}.method", values.method, HASHING_METHODS)
+    if values.num_hashes is not None and values.num_hashes < 1:
+        raise ValueError(f"{where}.num_hashes (k) must be >= 1, got {values.num_hashes}")
+    if values.q is not None and values.q != 0 and values.q < 2:
+        raise ValueError(f"{where}.q must be >= 2 (or 0 = sized from num_embeddings), got {values.q}")
+    if values.importance_rows is not None and values.importance_rows < 0:
+        raise ValueError(f"{where}.importance_rows must be >= 0, got {values.importance_rows}")
+    if values.combine is not None:
+        _check_choice(f"{where}.combine", values.combine, ("sum", "concat", "mult"))
+    if values.num_frequent is not None:
+        _check_positive(f"{where}.num_frequent", values.num_frequent)
+
+
+@dataclass
+class FeatureHashingConfig:
+    """Per-feature hashing override; null fields take the hashing group's value."""
+
+    method: Optional[str] = None
+    num_hashes: Optional[int] = None
+    combine: Optional[str] = None
+    importance_rows: Optional[int] = None
+    q: Optional[int] = None
+    num_frequent: Optional[int] = None
+
+
+@dataclass
+class HashingConfig:
+    """How raw IDs reach table rows, per feature (modules/hashing.py describes the methods)."""
+
+    name: str = MISSING
+    # Method of every feature that neither hashing.features nor its feature config names:
+    # none | modulo | hash | multi_hash | qr | frequency.
+    method: str = "hash"
+    # multi_hash: hashes (probes) per ID, k >= 1.
+    num_hashes: int = 2
+    # multi_hash: sum | concat (default sum); qr: mult | sum | concat (default mult).
+    combine: Optional[str] = None
+    # multi_hash: rows of the learned importance-weight table (0 = plain multi-hash).
+    importance_rows: int = 0
+    # qr: remainder-table rows q >= 2; 0 = ceil(id_space / num_embeddings) (quotient ~ R rows).
+    q: int = 0
+    # frequency: IDs with own rows; null = half the feature's rows.
+    num_frequent: Optional[int] = None
+    # frequency: file written by scripts/count_frequencies.py (feature -> IDs, most frequent first).
+    frequency_file: Optional[str] = None
+    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps).
+    compression_ratio: Optional[float] = None
+    # Salts every hash: another seed gives independent hash functions.
+    seed: int = 0
+    # Per-feature overrides: feature name -> fields above (e.g. {user_id: {method: qr}}).
+    features: Dict[str, FeatureHashingConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_hashing_values("hashing", self)
+        if self.compression_ratio is not None and self.compression_ratio < 1:
+            raise ValueError(
+                f"hashing.compression_ratio must be >= 1, got {self.compression_ratio}"
+            )
+        for name, override in self.features.items():
+            _check_hashing_values(f"hashing.features.{name}", override)
 
 
 @dataclass
@@ -280,6 +350,7 @@ class Config:
     sharding: ShardingConfig = MISSING
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
+    hashing: HashingConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Plan the sharding, print it, and exit without training.
@@ -308,5 +379,6 @@ def register_configs() -> None:
         ("sharding", ShardingConfig),
         ("optim", OptimConfig),
         ("logger", LoggerConfig),
+        ("hashing", HashingConfig),
     ):
         store.store(group=group, name=f"{group}_schema", node=node)

@@ -16,6 +16,7 @@ from train.build import build_sharded_job, feature_groups
 from train.data import build_data_source
 from train.config import Config
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from train.hashing import format_hashing, hashing_report
 from train.loop import Trainer
 from train.optimizers import WarmupDecaySchedule
 from train.sharding import embedding_bytes_per_rank, format_plan
@@ -48,7 +49,7 @@ def validated(cfg: DictConfig | Config) -> tuple[Config, list]:
     """The typed config and its feature groups, or ConfigError with one clear line."""
     try:
         config = to_config(cfg)
-        return config, feature_groups(config.features)
+        return config, feature_groups(config.features, config.hashing)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
@@ -132,11 +133,13 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "embedding_bytes_per_rank": per_rank,
         "sharding": sharding,
         "skipped_rows": source.skipped_rows,
-        "hashing": None,
+        # Per feature: rows, bytes, expected and measured collisions (a collective).
+        "hashing": hashing_report(groups, config.optim.embedding, eval_batches()),
         "wandb_dir": None,
         "wall_seconds": time.perf_counter() - started,
     }
     if context.is_main:
         write_summary(run_dir, summary)
+        say(format_hashing(summary["hashing"]))
         say(format_summary(summary))
     return summary

@@ -19,10 +19,11 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
+from modules.embeddings import group_tables
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
 
 # Optimizer state per table row, in float32 values, as a function of the embedding dim.
-_OPTIMIZER_STATE_VALUES_PER_ROW = {
+OPTIMIZER_STATE_VALUES_PER_ROW = {
     "sgd": lambda dim: 0,
     "rowwise_adagrad": lambda dim: 1,
     "adagrad": lambda dim: dim,
@@ -49,10 +50,11 @@ class TableInfo:
 
 
 def table_infos(groups: list[FeatureGroupSpec]) -> list[TableInfo]:
+    """The real tables (a hashed feature may have several: ``f_q``/``f_r``, ``f_weights``)."""
     return [
-        TableInfo(feature.name, group.name, feature.num_embeddings, group.embedding_dim)
+        TableInfo(table.name, group.name, table.num_embeddings, table.embedding_dim)
         for group in groups
-        for feature in group.features
+        for table in group_tables(group)
     ]
 
 
@@ -161,7 +163,7 @@ def placed_tables(
 ) -> list[PlacedTable]:
     """Each table's sharding type, ranks and bytes (weights + optimizer state) per rank."""
     by_name = {table.name: table for table in tables}
-    state_values = _OPTIMIZER_STATE_VALUES_PER_ROW[embedding_optimizer]
+    state_values = OPTIMIZER_STATE_VALUES_PER_ROW[embedding_optimizer]
     placed = []
     for module_plan in plan.plan.values():
         for table_name, parameter_sharding in module_plan.items():  # type: ignore[union-attr]
