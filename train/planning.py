@@ -1,0 +1,137 @@
+"""Plan a job for a cluster you do not have: TorchRec's planner over a target topology.
+
+``python -m train plan_only=true plan_topology.world_size=64`` runs the planner for 64 ranks of
+80 GB GPUs (by default) on one CPU machine, prints where every table goes and each rank's
+device (HBM) and host (DDR) memory, and says whether it fits. A plan that cannot fit exits
+non-zero, naming the largest tables and what would make them fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from modules.features import FLOAT32_BYTES, FeatureGroupSpec
+from train.build import build_click_model
+from train.config import Config
+from train.optimizers import embedding_optimizer
+from train.sharding import (
+    CpuRowWiseSharder,
+    PlacedTable,
+    build_planner,
+    check_column_wise_splits,
+    format_bytes,
+    placed_tables,
+    sharding_type_per_table,
+    table_infos,
+)
+
+
+class PlanDoesNotFit(Exception):
+    """The tables cannot be placed within the target topology's memory."""
+
+
+@dataclass
+class TargetPlan:
+    placed: list[PlacedTable]
+    hbm_bytes_per_rank: list[int]
+    host_bytes_per_rank: list[int]
+    hbm_cap_bytes: int
+    host_cap_bytes: int
+    world_size: int
+    compute_device: str
+
+
+def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
+    tables = sorted(
+        ((f.num_embeddings * g.embedding_dim * FLOAT32_BYTES, f, g) for g in groups for f in g.features),
+        key=lambda item: item[0],
+        reverse=True,
+    )[:count]
+    return ", ".join(
+        f"{f.name} ({f.num_embeddings:,} rows x {g.embedding_dim} = {format_bytes(size)})"
+        for size, f, g in tables
+    )
+
+
+def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetPlan:
+    """Plan on this machine for ``config.plan_topology`` (no process group needed)."""
+    target = config.plan_topology
+    model = build_click_model(config, groups, torch.device("meta"))
+    optimizer_class, optimizer_kwargs = embedding_optimizer(config.optim)
+    apply_optimizer_in_backward(
+        optimizer_class,
+        [p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
+        optimizer_kwargs,
+    )
+    tables = table_infos(groups)
+    chosen = sharding_type_per_table(
+        tables, config.sharding.preset, dict(config.sharding.tables), config.sharding.mixed_row_threshold
+    )
+    check_column_wise_splits(tables, chosen)
+    planner = build_planner(
+        tables,
+        chosen,
+        world_size=target.world_size,
+        local_world_size=min(target.local_world_size, target.world_size),
+        device=torch.device(target.compute_device),
+        batch_size=config.trainer.batch_size,
+        hbm_cap_bytes=target.hbm_bytes_per_rank if target.compute_device == "cuda" else None,
+        ddr_cap_bytes=target.host_bytes_per_rank,
+    )
+    try:
+        plan = planner.plan(model, [CpuRowWiseSharder()])
+    except PlannerError as error:
+        text = str(error).strip()
+        first_line = (text.splitlines()[0] if text else type(error).__name__).rstrip(". ")
+        raise PlanDoesNotFit(
+            f"the tables do not fit on {target.world_size} x {target.compute_device} ranks "
+            f"({format_bytes(target.hbm_bytes_per_rank)} device, "
+            f"{format_bytes(target.host_bytes_per_rank)} host memory each): {first_line}. "
+            f"Largest tables: {_largest_tables(groups)}. Hash them into fewer rows "
+            f"(hashing config) or plan for more ranks (plan_topology.world_size)."
+        ) from None
+    hbm = [0] * target.world_size
+    host = [0] * target.world_size
+    # The planner's storage estimate per shard (weights, optimizer state, I/O buffers) is only
+    # kept on its chosen proposal; TorchRec has no public accessor for it.
+    for option in planner._best_plan or []:  # noqa: SLF001
+        for shard in option.shards:
+            if shard.rank is not None and shard.storage is not None:
+                hbm[shard.rank] += shard.storage.hbm
+                host[shard.rank] += shard.storage.ddr
+    return TargetPlan(
+        placed=placed_tables(plan, tables, target.world_size, config.optim.embedding),
+        hbm_bytes_per_rank=hbm,
+        host_bytes_per_rank=host,
+        hbm_cap_bytes=target.hbm_bytes_per_rank,
+        host_cap_bytes=target.host_bytes_per_rank,
+        world_size=target.world_size,
+        compute_device=target.compute_device,
+    )
+
+
+def format_memory(plan: TargetPlan) -> str:
+    """Per-rank device and host memory against the caps (all ranks up to 16, else a digest)."""
+    lines = [f"{'rank':>6} {'device (HBM)':>14} {'of':>10} {'host (DDR)':>14} {'of':>10}"]
+    ranks = list(range(plan.world_size))
+    shown = ranks if plan.world_size <= 16 else ranks[:4] + ranks[-4:]
+    for rank in shown:
+        if plan.world_size > 16 and rank == ranks[-4]:
+            lines.append(f"{'...':>6}")
+        lines.append(
+            f"{rank:>6} {format_bytes(plan.hbm_bytes_per_rank[rank]):>14} "
+            f"{format_bytes(plan.hbm_cap_bytes):>10} {format_bytes(plan.host_bytes_per_rank[rank]):>14} "
+            f"{format_bytes(plan.host_cap_bytes):>10}"
+        )
+    total_weights = sum(sum(t.bytes_per_rank.values()) for t in plan.placed)
+    lines.append(
+        f"max per rank: device {format_bytes(max(plan.hbm_bytes_per_rank))}, host "
+        f"{format_bytes(max(plan.host_bytes_per_rank))}; tables (weights + optimizer state) "
+        f"{format_bytes(total_weights)} in all ({total_weights / 1e9:.1f} GB)"
+    )
+    return "\n".join(lines)
