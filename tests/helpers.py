@@ -36,6 +36,7 @@ TINY = [
     "model.over_layer_sizes=[16,1]",
     "trainer.batch_size=16",
     "data.eval_batches=2",
+    "logger.mode=disabled",
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -21,7 +22,17 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from modules.batch import Batch
 from modules.metrics import auc, log_loss, normalized_entropy
 from train.distributed import DistributedContext
+from train.metrics_logger import MetricsLogger
 from train.optimizers import WarmupDecaySchedule
+from train.progress import Progress
+from train.step_stats import (
+    TimedIterator,
+    Window,
+    gather_ranks,
+    rank_figures,
+    window_metrics,
+)
+from train.system_info import measured_embedding_bytes
 
 # Steps excluded from throughput at the start of a run (planner caches, allocator warm-up).
 WARMUP_STEPS = 10
@@ -34,6 +45,7 @@ class EvalResult:
     normalized_entropy: float
     log_loss: float
     num_samples: int
+    seconds: float = 0.0
 
 
 @dataclass
@@ -64,8 +76,29 @@ def global_mean(value: float, device: torch.device) -> float:
     return float(tensor) / dist.get_world_size()
 
 
+# An optional hook run after every evaluation, on every rank (it may use collectives): takes
+# the global step, returns extra metrics to log with the eval/ keys, full keys included, e.g.
+# {"eval/bayes_auc": 0.756, "hash/user_id/collision_rate": 0.012}. Rank 0's dict is logged.
+EvalExtras = Callable[[int], dict[str, float]]
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``train/lr/<optimizer>`` for each part of a CombinedOptimizer (first param group's lr:
+    the schedule scales every group alike), else ``train/lr/group<i>``."""
+    parts = getattr(optimizer, "optimizers", None)
+    if parts:
+        return {f"train/lr/{name}": float(part.param_groups[0]["lr"]) for name, part in parts if part.param_groups}
+    return {f"train/lr/group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
 class Trainer:
-    """Runs ``steps`` training steps with an evaluation every ``eval_every`` steps."""
+    """Runs ``steps`` training steps with an evaluation every ``eval_every`` steps.
+
+    Every ``log_every`` steps (and at each segment's end) all ranks gather their throughput,
+    step-time split and memory (one all_gather, see ``train/step_stats.py``) and rank 0 logs
+    them through ``metrics`` and reports progress; each evaluation logs ``eval/`` keys plus
+    whatever ``eval_extras`` returns.
+    """
 
     def __init__(
         self,
@@ -78,6 +111,11 @@ class Trainer:
         batch_size: int,
         log_every: int,
         print_fn: Callable[[str], None],
+        metrics: MetricsLogger | None = None,
+        planned_embedding_bytes: list[int] | None = None,
+        eval_extras: EvalExtras | None = None,
+        num_eval_batches: int | None = None,
+        progress_bar: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -88,6 +126,13 @@ class Trainer:
         self.batch_size = batch_size
         self.log_every = log_every
         self.print = print_fn
+        self.metrics = metrics
+        self.planned_embedding_bytes = planned_embedding_bytes or [0] * context.world_size
+        self.eval_extras = eval_extras
+        self.num_eval_batches = num_eval_batches
+        self.progress_bar = progress_bar
+        self.progress = Progress(enabled=False, total_steps=0)
+        self._measured_embedding_bytes: list[int] | None = None
         self.pipeline = TrainPipelineSparseDist(
             model,
             optimizer,
@@ -97,37 +142,64 @@ class Trainer:
             pipeline_postproc=True,
         )
 
-    def _run_segment(self, start: int, stop: int, losses: list[torch.Tensor]) -> None:
+    def _run_segment(self, start: int, stop: int, losses: deque[torch.Tensor]) -> None:
         """Train steps [start, stop). Loss tensors are kept, not converted: converting is a
-        host-device sync on GPU, done only when printing."""
+        host-device sync on GPU, done only at reports (every log_every steps)."""
         self.model.train()
         self.pipeline.reset()
-        batches = self.train_batches(start, stop)
+        # The pipeline pulls batches inside progress(); timing next() splits data wait
+        # from forward + backward + optimizer.
+        batches = TimedIterator(self.train_batches(start, stop))
+        window = Window.open(start, batches)
+        self.progress.start_training(start)
         for step in range(start, stop):
             # The fused embedding optimizer picks the new lr up in zero_grad() inside progress().
             self.schedule.set_step(step)
             loss, _, _ = self.pipeline.progress(batches)
             losses.append(loss)
+            self.progress.advance()
             if (step + 1) % self.log_every == 0 or step + 1 == stop:
-                self._print_progress(step + 1, losses)
+                self._report(step + 1, window, batches, losses)
+                window = Window.open(step + 1, batches)
 
-    def _print_progress(self, step: int, losses: list[torch.Tensor]) -> None:
-        window = losses[-self.log_every :]
-        mean_loss = float(torch.stack(window).mean())
-        elapsed = time.perf_counter() - self._segment_clock
-        done = step - self._clock_step
-        rate = done * self.batch_size * self.context.world_size / elapsed if elapsed > 0 else 0.0
-        self.print(
-            f"step {step:>7}/{self._total_steps}  loss {mean_loss:.4f}  "
-            f"{rate:,.0f} samples/s  lr {self.schedule.current_lrs()[0]:.4g}"
+    def _report(
+        self, step: int, window: Window, batches: TimedIterator, losses: deque[torch.Tensor]
+    ) -> None:
+        """Gather every rank's figures for the window ending at ``step``; rank 0 logs them.
+        Every rank calls this at the same steps (a collective)."""
+        num_steps = step - window.start_step
+        window_loss = torch.stack(list(losses)[-num_steps:]).mean()
+        figures = rank_figures(window, step, batches, window_loss, self.batch_size, self.context.device)
+        per_rank = gather_ranks(figures)  # the one host-device sync of the window
+        if not self.context.is_main:
+            return
+        metrics = window_metrics(
+            per_rank,
+            batch_size=self.batch_size,
+            num_steps=num_steps,
+            on_cuda=self.context.device.type == "cuda",
+            planned_embedding_bytes=self.planned_embedding_bytes,
+            measured_embedding_bytes=self._measured_embedding_bytes,
+        )
+        lrs = learning_rates(self.optimizer)
+        metrics.update(lrs)
+        if self.metrics is not None:
+            self.metrics.log(metrics, step)
+        self.progress.report(
+            step,
+            loss=metrics["train/loss"],
+            samples_per_sec=metrics["perf/samples_per_sec"],
+            lr=next(iter(lrs.values()), math.nan),
         )
 
     @torch.no_grad()
     def evaluate(self, step: int) -> EvalResult:
+        started = time.perf_counter()
         self.model.eval()
         self.pipeline.reset()
         batches = self.eval_batches()
         logits, labels = [], []
+        self.progress.start_eval(self.num_eval_batches)
         while True:
             try:
                 _, batch_logits, batch_labels = self.pipeline.progress(batches)
@@ -135,6 +207,8 @@ class Trainer:
                 break
             logits.append(batch_logits)
             labels.append(batch_labels)
+            self.progress.eval_advance()
+        self.progress.end_eval()
         self.pipeline.reset()
         self.model.train()
         all_logits = gather_concat(torch.cat(logits).float()).cpu()
@@ -145,18 +219,53 @@ class Trainer:
             normalized_entropy=normalized_entropy(all_logits, all_labels),
             log_loss=log_loss(all_logits, all_labels),
             num_samples=all_labels.numel(),
+            seconds=time.perf_counter() - started,
         )
-        self.print(
+        extras = self.eval_extras(step) if self.eval_extras is not None else {}
+        if self.metrics is not None:
+            self.metrics.log(
+                {
+                    "eval/auc": result.auc,
+                    "eval/ne": result.normalized_entropy,
+                    "eval/log_loss": result.log_loss,
+                    "eval/num_samples": result.num_samples,
+                    "perf/eval_seconds": result.seconds,
+                    **extras,
+                },
+                step,
+            )
+        line = (
             f"eval  step {step:>7}  auc {result.auc:.4f}  ne {result.normalized_entropy:.4f}  "
             f"logloss {result.log_loss:.4f}  ({result.num_samples:,} samples)"
         )
+        if self.context.is_main:
+            self.progress.write(line)
         return result
 
     def train(self, steps: int, eval_every: int) -> TrainResult:
+        self.progress = Progress(
+            enabled=self.context.is_main,
+            total_steps=steps,
+            use_bar=None if self.progress_bar else False,
+            print_fn=self.print,
+        )
+        # Measured once (a collective): what each rank really holds for its tables, next to
+        # the plan's figure in every mem/ report.
+        measured = torch.tensor(
+            [measured_embedding_bytes(self.model, self.optimizer)], dtype=torch.int64,
+            device=self.context.device,
+        )
+        self._measured_embedding_bytes = [int(v) for v in gather_concat(measured).cpu()]
+        try:
+            return self._train(steps, eval_every)
+        finally:
+            self.progress.close()
+
+    def _train(self, steps: int, eval_every: int) -> TrainResult:
         self._total_steps = steps
         boundaries = list(range(eval_every, steps, eval_every)) if eval_every > 0 else []
         boundaries.append(steps)
-        losses: list[torch.Tensor] = []
+        losses: deque[torch.Tensor] = deque(maxlen=max(self.log_every, 1))
         evals: list[EvalResult] = []
         timed_seconds = 0.0
         timed_steps = 0
@@ -164,23 +273,19 @@ class Trainer:
         for stop in boundaries:
             # Time only training, after the first WARMUP_STEPS steps of the run.
             if start < WARMUP_STEPS < stop:
-                self._segment_clock = time.perf_counter()
-                self._clock_step = start
                 self._run_segment(start, WARMUP_STEPS, losses)
                 start_timed = WARMUP_STEPS
             else:
                 start_timed = start
             if start_timed < stop:
-                self._segment_clock = time.perf_counter()
-                self._clock_step = start_timed
+                segment_clock = time.perf_counter()
                 self._run_segment(start_timed, stop, losses)
                 if start_timed >= WARMUP_STEPS:
-                    timed_seconds += time.perf_counter() - self._segment_clock
+                    timed_seconds += time.perf_counter() - segment_clock
                     timed_steps += stop - start_timed
             evals.append(self.evaluate(stop))
             start = stop
-        window = losses[-self.log_every :]
-        train_loss = global_mean(float(torch.stack(window).mean()), self.context.device)
+        train_loss = global_mean(float(torch.stack(list(losses)).mean()), self.context.device)
         samples_per_step = self.batch_size * self.context.world_size
         # Global throughput: every rank trains its own batch_size samples per step.
         samples_per_sec = (

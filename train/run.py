@@ -18,6 +18,7 @@ from train.config import Config
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
 from train.hashing import format_hashing, hashing_report
 from train.loop import Trainer
+from train.metrics_logger import hashing_metrics, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
@@ -101,6 +102,21 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     def eval_batches() -> Iterator[Batch]:
         return source.eval_batches(rank, world_size)
 
+    # W&B + metrics.jsonl on rank 0 (no-op elsewhere): config, system facts, plan table.
+    metrics = start_run_logging(config, context, run_dir, job.placed)
+    hashing_at_eval: dict = {}
+
+    def eval_extras(step: int) -> dict[str, float]:
+        """eval/bayes_auc and hash/<feature>/<stat> after each eval. Runs on every rank
+        (hashing_report is a collective); the report is a fixed function of the eval window
+        and the hashing, so it is measured once and reused for summary.json."""
+        if not hashing_at_eval:
+            hashing_at_eval.update(hashing_report(groups, config.optim.embedding, eval_batches()))
+        extras = hashing_metrics(hashing_at_eval)
+        if eval_bayes_auc is not None:
+            extras["eval/bayes_auc"] = eval_bayes_auc
+        return extras
+
     schedule = WarmupDecaySchedule(job.optimizer, config.optim)
     trainer = Trainer(
         model=job.model,
@@ -112,9 +128,18 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         batch_size=config.trainer.batch_size,
         log_every=config.logger.log_every,
         print_fn=say,
+        metrics=metrics,
+        planned_embedding_bytes=per_rank,
+        eval_extras=eval_extras,
+        num_eval_batches=config.data.eval_batches if config.data.source == "synthetic" else None,
+        progress_bar=config.logger.progress_bar,
     )
     started = time.perf_counter()
-    result = trainer.train(config.trainer.steps, config.trainer.eval_every)
+    try:
+        result = trainer.train(config.trainer.steps, config.trainer.eval_every)
+    except BaseException:
+        metrics.finish(None, exit_code=1)
+        raise
     final_eval = result.evals[-1]
     summary = {
         "world_size": context.world_size,
@@ -134,12 +159,16 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "sharding": sharding,
         "skipped_rows": source.skipped_rows,
         # Per feature: rows, bytes, expected and measured collisions (a collective).
-        "hashing": hashing_report(groups, config.optim.embedding, eval_batches()),
-        "wandb_dir": None,
+        "hashing": dict(hashing_at_eval)
+        or hashing_report(groups, config.optim.embedding, eval_batches()),
+        "wandb_dir": metrics.wandb_dir,
         "wall_seconds": time.perf_counter() - started,
     }
     if context.is_main:
         write_summary(run_dir, summary)
         say(format_hashing(summary["hashing"]))
         say(format_summary(summary))
+    # After summary.json is safe on disk: the hashing table and hash/ keys, W&B's summary.
+    metrics.log_hashing(summary["hashing"], result.steps)
+    metrics.finish(summary)
     return summary
