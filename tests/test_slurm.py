@@ -49,3 +49,18 @@ def test_cpu_sbatch_two_tasks_trains_and_writes_summary(slurm, tmp_path):
     assert summary["world_size"] == 2
     assert summary["steps"] == 20
     assert "sharding plan" in log and "eval  step" in log
+
+
+def test_submitit_sweep_submits_one_job_per_point(slurm, tmp_path):
+    sweep_dir = tmp_path / "multirun"
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm_cpu", "trainer.seed=0,1",
+         *TINY, "trainer.steps=10", "trainer.eval_every=0", "logger.mode=disabled",
+         f"hydra.sweep.dir={sweep_dir}"],
+        env={**slurm.env, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((sweep_dir / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [s["world_size"] for s in summaries] == [2, 2]  # tasks_per_node=2 in slurm_cpu
+    assert summaries[0]["state_digest"] != summaries[1]["state_digest"]  # different seeds
