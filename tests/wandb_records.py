@@ -132,4 +132,7 @@ def read_run(path: str | Path) -> RunFile:
 
 
 def find_run_files(root: str | Path) -> list[Path]:
-    return sorted(Path(root).glob("**/run-*.wandb"))
+    """Every run file under root (``latest-run`` is a link to one of them: skipped)."""
+    return sorted(
+        path for path in Path(root).glob("**/run-*.wandb") if "latest-run" not in path.parts
+    )

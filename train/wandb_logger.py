@@ -62,7 +62,7 @@ class WandbRun:
         self.run_config = run_config
         self.warn = warn
         self.mode = config.mode
-        self.warned = False
+        self.warned: set[str] = set()
         self.run: Any = None
         self.wandb_root = run_dir / "wandb"
         self.wandb_root.mkdir(parents=True, exist_ok=True)
@@ -116,9 +116,8 @@ class WandbRun:
             self._fall_back(error)
 
     def _fall_back(self, error: BaseException) -> None:
-        """Warn once; an online run continues offline, anything else drops W&B."""
-        first = not self.warned
-        self.warned = True
+        """An online run continues offline; an offline run drops W&B. One warning for each
+        (so one in all, unless offline fails too)."""
         broken, self.run = self.run, None
         if broken is not None:
             try:
@@ -127,20 +126,34 @@ class WandbRun:
                 pass
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if self.mode == "online":
-            if first:
-                self.warn(
-                    f"W&B online logging failed ({reason}); logging offline under "
-                    f"{self.wandb_root} instead (upload later with `wandb sync`); training goes on"
-                )
+            try:
+                import wandb
+
+                # The failed online run keeps its id registered in W&B's service process;
+                # a fresh service lets the offline run reuse the id (so a later `wandb sync`
+                # lands in the same W&B run).
+                wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+            self._warn_once(
+                "online",
+                f"W&B online logging failed ({reason}); logging offline under "
+                f"{self.wandb_root} instead (upload later with `wandb sync`); training goes on",
+            )
             self.mode = "offline"
             self._start("offline")
         else:
-            if first:
-                self.warn(
-                    f"W&B logging failed ({reason}); W&B is off for this run, metrics stay in "
-                    f"{self.run_dir / 'metrics.jsonl'}; training goes on"
-                )
+            self._warn_once(
+                "offline",
+                f"W&B logging failed ({reason}); W&B is off for this run, metrics stay in "
+                f"{self.run_dir / 'metrics.jsonl'}; training goes on",
+            )
             self.mode = "disabled"
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            self.warn(message)
 
     def _guarded(self, action: Callable[[Any], None]) -> None:
         if self.run is None:

@@ -1,0 +1,258 @@
+"""W&B logging read back from what a run wrote: the ``.wandb`` file decoded with W&B's own
+protobuf classes (tests/wandb_records.py), the media tables, metrics.jsonl and summary.json.
+
+Every job here points W&B at a closed localhost port, so nothing can leave the machine even
+if some W&B thread tried.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, TINY, free_port, run_train
+from tests.wandb_records import (
+    BLOCK_BYTES,
+    CorruptRunFile,
+    find_run_files,
+    read_records,
+    read_run,
+)
+from train.progress import Progress
+
+BASE = [item for item in TINY if not item.startswith("logger.")]
+STEPS = ["trainer.steps=30", "trainer.eval_every=15", "logger.log_every=10"]
+# Reports land every log_every steps and at every segment end (warm-up end, evals).
+REPORT_STEPS = [10, 15, 20, 30]
+TABLES = {"user_id", "user_country", "user_interests", "ad_id", "advertiser_id",
+          "ad_category", "hour_of_day", "device_type", "site_id"}
+
+
+def no_network_env(**extra: str) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": "1", "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", **extra}
+
+
+def only(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@pytest.fixture(scope="module")
+def two_rank_offline_run(tmp_path_factory):
+    """One offline run on 2 gloo ranks under torchrun, shared by the checks below."""
+    root = tmp_path_factory.mktemp("offline2")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    result = run_train(
+        [*BASE, *STEPS, "sharding=row_wise", "logger.mode=offline", "logger.project=hashrec-test"],
+        cwd=root,
+        launcher=[torchrun, "--standalone", "--nproc_per_node", "2"],
+        env=no_network_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only(list(root.glob("outputs/*/summary.json"))).parent
+    return result, run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_rank0_alone_writes_one_offline_run_file(two_rank_offline_run):
+    result, run_dir, summary = two_rank_offline_run
+    run_file = only(find_run_files(run_dir))
+    assert summary["wandb_dir"] == str(run_file.parent)
+    run = read_run(run_file)
+    assert run.project == "hashrec-test" and run.exit_code == 0
+    assert run_file.name == f"run-{run.run_id}.wandb"
+    # Rank 1 is quiet: each console line appears once.
+    assert result.stdout.count("eval  step      30") == 1
+    assert result.stdout.count("sharding plan") == 1
+
+
+def test_history_has_per_rank_throughput_and_memory(two_rank_offline_run):
+    _, run_dir, summary = two_rank_offline_run
+    run = read_run(only(find_run_files(run_dir)))
+    train_rows = [row for row in run.history if "train/loss" in row]
+    assert [row["_step"] for row in train_rows] == REPORT_STEPS  # step = global step
+    for row in train_rows:
+        assert 0 < row["train/loss"] < 5
+        assert row["train/lr/embedding"] == pytest.approx(0.05)
+        assert row["train/lr/dense"] == pytest.approx(0.05)
+        assert row["perf/samples_per_sec"] > 0
+        for rank in (0, 1):
+            assert row[f"perf/samples_per_sec/rank{rank}"] > 0
+            step = row[f"perf/step_seconds/rank{rank}"]
+            wait = row[f"perf/data_wait_seconds/rank{rank}"]
+            compute = row[f"perf/compute_seconds/rank{rank}"]
+            assert 0 <= wait < step and compute > 0
+            assert wait + compute == pytest.approx(step, rel=1e-6)
+            assert row[f"mem/rss_bytes/rank{rank}"] > 0
+            assert row[f"mem/peak_rss_bytes/rank{rank}"] >= row[f"mem/rss_bytes/rank{rank}"]
+            # The plan's bytes per rank equal what the rank really holds (weights + state).
+            planned = row[f"mem/embedding_planned_bytes/rank{rank}"]
+            assert planned == summary["embedding_bytes_per_rank"][rank]
+            assert row[f"mem/embedding_measured_bytes/rank{rank}"] == planned
+        # No GPU here: no CUDA keys rather than zeros.
+        assert not any(key.startswith("mem/cuda") for key in row)
+    assert train_rows[-1]["train/loss"] == pytest.approx(summary["train_loss"], rel=1e-5)
+
+
+def test_each_eval_logs_quality_and_hashing(two_rank_offline_run):
+    _, run_dir, summary = two_rank_offline_run
+    run = read_run(only(find_run_files(run_dir)))
+    eval_rows = [row for row in run.history if "eval/auc" in row]
+    assert [row["_step"] for row in eval_rows] == [15, 30]
+    for row, logged in zip(eval_rows, summary["evals"]):
+        assert row["eval/auc"] == pytest.approx(logged["auc"])
+        assert row["eval/ne"] == pytest.approx(logged["normalized_entropy"])
+        assert row["eval/log_loss"] == pytest.approx(logged["log_loss"])
+        assert row["eval/bayes_auc"] == pytest.approx(summary["eval_bayes_auc"])
+        for feature, entry in summary["hashing"].items():
+            assert entry["measured_collision_rate"] is not None
+            assert row[f"hash/{feature}/measured_collision_rate"] == pytest.approx(
+                entry["measured_collision_rate"]
+            )
+            assert row[f"hash/{feature}/bytes_saved"] == entry["bytes_saved"]
+
+
+def test_once_per_run_config_system_tables_and_summary(two_rank_offline_run):
+    _, run_dir, summary = two_rank_offline_run
+    run_file = only(find_run_files(run_dir))
+    run = read_run(run_file)
+    assert run.config["trainer"]["steps"] == 30
+    assert run.config["sharding"]["preset"] == "row_wise"
+    system = run.config["system"]
+    assert system["world_size"] == 2 and system["device"] == "cpu"
+    assert system["torch"] and system["torchrec"] and system["fbgemm_gpu"]
+    # The plan table: one row per table, with type, ranks, rows, dim and bytes.
+    plan_path = only(list((run_file.parent / "files/media/table/mem").glob("sharding_plan_*.table.json")))
+    plan = json.loads(plan_path.read_text())
+    assert plan["columns"][:6] == ["table", "sharding_type", "ranks", "rows", "dim", "bytes"]
+    assert {row[0] for row in plan["data"]} == TABLES
+    assert {row[1] for row in plan["data"]} == {"row_wise"} and {row[2] for row in plan["data"]} == {"0,1"}
+    assert sum(row[5] for row in plan["data"]) == summary["embedding_bytes"]
+    hashing_path = only(list((run_file.parent / "files/media/table/hash").glob("memory_*.table.json")))
+    assert {row[0] for row in json.loads(hashing_path.read_text())["data"]} == set(summary["hashing"])
+    # The final summary is summary.json's content.
+    for key in ("state_digest", "steps", "samples", "embedding_bytes", "world_size"):
+        assert run.summary[key] == summary[key]
+    assert run.summary["samples_per_sec"] == pytest.approx(summary["samples_per_sec"])
+
+
+def test_metrics_jsonl_matches_wandb(two_rank_offline_run):
+    _, run_dir, summary = two_rank_offline_run
+    run = read_run(only(find_run_files(run_dir)))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [record["kind"] for record in records]
+    assert kinds[:2] == ["config", "system"] and kinds[-1] == "summary"
+    assert records[-1]["summary"]["state_digest"] == summary["state_digest"]
+    local = [r for r in records if r["kind"] == "metrics" and "train/loss" in r]
+    assert [r["train/loss"] for r in local] == pytest.approx(run.values("train/loss"))
+    assert [r["step"] for r in local] == REPORT_STEPS
+    tables = {r["key"]: r for r in records if r["kind"] == "table"}
+    assert len(tables["mem/sharding_plan"]["rows"]) == len(TABLES)
+
+
+def test_online_with_unreachable_wandb_trains_and_falls_back_offline(tmp_path):
+    result = run_train(
+        [*BASE, "trainer.steps=12", "trainer.eval_every=0", "logger.log_every=5",
+         "logger.mode=online", "logger.init_timeout_s=3"],
+        cwd=tmp_path,
+        env=no_network_env(WANDB_API_KEY="x" * 40),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("hashrec: warning:") == 1, result.stderr[-3000:]
+    assert "W&B online logging failed" in result.stderr
+    summary = json.loads(only(list(tmp_path.glob("outputs/**/summary.json"))).read_text())
+    assert summary["steps"] == 12
+    # The failed online attempt may leave its own folder; the run continues in an offline
+    # one with the same id, which summary.json names.
+    run_file = only([p for p in find_run_files(tmp_path) if p.parent.name.startswith("offline-run-")])
+    assert summary["wandb_dir"] == str(run_file.parent)
+    run = read_run(run_file)
+    assert run.values("train/loss") and run.summary["state_digest"] == summary["state_digest"]
+    assert run.run_id == (run_file.parents[1] / "hashrec_run_id").read_text().strip()
+
+
+def test_job_restarted_in_its_run_dir_continues_the_wandb_run(tmp_path):
+    """A requeued Slurm job or a resumed torchrun job lands in the same run directory and
+    must log to the same W&B run id."""
+    run_ids = []
+    for _ in range(2):
+        result = run_train(
+            [*BASE, "trainer.steps=5", "trainer.eval_every=0", "logger.mode=offline",
+             f"hydra.run.dir={tmp_path / 'run'}"],
+            cwd=tmp_path, env=no_network_env(), timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_ids.append(json.loads((tmp_path / "run" / "summary.json").read_text())["wandb_dir"])
+    files = find_run_files(tmp_path / "run")
+    assert len(files) == 2 and len({read_run(path).run_id for path in files}) == 1
+    assert run_ids[0] != run_ids[1]  # two W&B folders (two sessions), one run id
+    jsonl = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(line)["kind"] == "summary" for line in jsonl) == 2  # appended
+
+
+def test_disabled_mode_never_imports_wandb(tmp_path):
+    """mode=disabled: no W&B import and no W&B files, but metrics.jsonl is still written."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from train.config import LoggerConfig\n"
+        "from train.metrics_logger import MetricsLogger\n"
+        "logger = MetricsLogger(LoggerConfig(name='t', mode='disabled'), Path(sys.argv[1]), True, {})\n"
+        "logger.log({'train/loss': 0.5}, step=1); logger.finish({'steps': 1})\n"
+        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "wandb").exists()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["config", "metrics", "summary"]
+
+
+def test_reader_verifies_checksums(two_rank_offline_run, tmp_path):
+    _, run_dir, _ = two_rank_offline_run
+    run_file = only(find_run_files(run_dir))
+    data = bytearray(run_file.read_bytes())
+    assert len(data) > BLOCK_BYTES  # records cross a block boundary and still decode
+    assert sum(1 for _ in read_records(run_file)) > 10
+    data[BLOCK_BYTES + 100] ^= 0xFF
+    broken = tmp_path / "run-broken.wandb"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CorruptRunFile):
+        list(read_records(broken))
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(enabled=True, total_steps=100, stream=stream)
+    assert not progress.use_bar
+    progress.start_training(0)
+    progress.advance(50)
+    progress.report(50, loss=0.5, samples_per_sec=1234.0, lr=0.05)
+    progress.write("eval  step      50")
+    progress.close()
+    assert stream.getvalue().splitlines() == [
+        "step      50/100  loss 0.5000  1,234 samples/s  lr 0.05",
+        "eval  step      50",
+    ]
+
+
+def test_progress_bar_on_a_terminal_and_silence_elsewhere():
+    stream = io.StringIO()
+    progress = Progress(enabled=True, total_steps=100, use_bar=True, stream=stream)
+    progress.start_training(0)
+    progress.advance(100)
+    progress.report(100, loss=0.25, samples_per_sec=999.0, lr=0.05)
+    progress.close()
+    assert "100/100" in stream.getvalue() and "loss 0.2500" in stream.getvalue()
+    quiet = io.StringIO()
+    other_rank = Progress(enabled=False, total_steps=100, stream=quiet)
+    other_rank.report(10, loss=0.5, samples_per_sec=1.0, lr=0.1)
+    other_rank.write("x")
+    assert quiet.getvalue() == ""
