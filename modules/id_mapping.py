@@ -29,6 +29,7 @@ from modules.hashing import feature_keys, qr_remainder_rows, qr_virtual_size
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 # Rows of the per-key parameter table.
+# _LOWER/_UPPER: the inclusive ID range a key accepts (method none only; else all of int64).
 _SALT, _USE_HASH, _MOD1, _DIV, _MOD2, _OFFSET, _LOWER, _UPPER = range(8)
 
 
@@ -46,7 +47,7 @@ def _key_parameters(feature: FeatureSpec) -> list[list[int]]:
 
     method = spec.method
     if method == "none":
-        return [column(use_hash=0, lower=0, upper=rows)]
+        return [column(use_hash=0, lower=0, upper=rows - 1)]
     if method == "modulo":
         return [column(use_hash=0)]
     if method == "hash":
@@ -176,14 +177,14 @@ class HashingIdMapper(nn.Module):
     ) -> None:
         """Method ``none``: IDs outside [0, rows) are an input error, never a silent wrap or a
         crash inside the lookup kernel. ``.any()`` is a host-device sync on GPU."""
-        bad = (values < parameters[_LOWER]) | (values >= parameters[_UPPER])
+        bad = (values < parameters[_LOWER]) | (values > parameters[_UPPER])
         if bool(bad.any()):
             position = int(torch.nonzero(bad)[0])
             key_index, start = 0, 0
             while start + lengths_per_key[key_index] <= position:
                 start += lengths_per_key[key_index]
                 key_index += 1
-            rows = int(parameters[_UPPER, position])
+            rows = int(parameters[_UPPER, position]) + 1
             raise IdOutOfRangeError(
                 f"feature {self.output_keys[key_index]} (hashing none): raw ID "
                 f"{int(values[position])} is outside [0, {rows}); use hashing modulo or hash "

@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers import CONF_DIR, TINY, compose_config, run_train
 from train.build import build_click_model, feature_groups
+from train.frequency_counts import save_frequency_file
 
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
@@ -22,21 +23,29 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
-def test_option_composes_and_builds(group, option):
-    config = compose_config([f"{group}={option}"])
-    groups = feature_groups(config.features)
+def test_option_composes_and_builds(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("hashing", "frequency"):  # its file comes from a counting run
+        path = tmp_path / "frequencies.pt"
+        ids = {f: torch.arange(100_000) for f in ["user_id", "user_interests", "ad_id",
+                                                  "advertiser_id", "site_id"]}
+        save_frequency_file(path, {"ids": ids, "counts": ids}, {})
+        overrides.append(f"hashing.frequency_file={path}")
+    config = compose_config(overrides)
+    groups = feature_groups(config.features, config.hashing)
     model = build_click_model(config, groups, torch.device("meta"))
     assert model.model.group_names == [g.name for g in groups]
 
 
 def test_many_tables_has_at_least_200_tables():
-    groups = feature_groups(compose_config(["features=many_tables"]).features)
+    config = compose_config(["features=many_tables"])
+    groups = feature_groups(config.features, config.hashing)
     assert sum(len(g.features) for g in groups) >= 200
 
 
 def test_dcn_builds_with_mixed_embedding_dims():
     config = compose_config(["model=dcn", "features.groups.context.embedding_dim=8"])
-    groups = feature_groups(config.features)
+    groups = feature_groups(config.features, config.hashing)
     model = build_click_model(config, groups, torch.device("meta"))
     assert model.model.interaction.output_dim == 128 + 16 * 6 + 8 * 3
 
@@ -53,6 +62,19 @@ def test_dcn_builds_with_mixed_embedding_dims():
         ("features.groups.user.embedding_dim=6", "dot interaction needs every group"),
         ("sharding=column_wise features.embedding_dim=6 model.dense_layer_sizes=[16,6]",
          "column-wise sharding needs an embedding_dim divisible by 4"),
+        # Hashing: k < 1, q < 2, buckets above the ID space, unknown features, missing file,
+        # a concat combiner under dot interaction, an unknown method.
+        ("hashing=multi_hash hashing.num_hashes=0", "hashing.num_hashes (k) must be >= 1, got 0"),
+        ("+hashing.features.user_id={method:qr,q:1}",
+         "hashing.features.user_id.q must be >= 2"),
+        ("features.groups.ad.features.advertiser_id.num_embeddings=60000",
+         "feature advertiser_id: num_embeddings=60000 buckets is above the declared id_space=50000"),
+        ("+hashing.features.user_idd=hash", "hashing.features names unknown features ['user_idd']"),
+        ("hashing=frequency hashing.frequency_file=no/such/file.pt",
+         "hashing.frequency_file=no/such/file.pt: no such file"),
+        ("+hashing.features.ad_id={method:multi_hash,combine:concat}",
+         "dot interaction needs one dim for every feature"),
+        ("hashing.method=managed", "hashing.method='managed' is not one of"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):

@@ -7,9 +7,10 @@ group starts. Checks that need more than a type live in ``__post_init__``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -144,7 +145,7 @@ class HashingConfig:
     importance_rows: int = 0
     # qr: remainder-table rows q >= 2; 0 = ceil(id_space / num_embeddings) (quotient ~ R rows).
     q: int = 0
-    # frequency: IDs with own rows; null = half the feature's rows.
+    # frequency: IDs with own rows; null = all the file lists, up to half the feature's rows.
     num_frequent: Optional[int] = None
     # frequency: file written by scripts/count_frequencies.py (feature -> IDs, most frequent first).
     frequency_file: Optional[str] = None
@@ -152,8 +153,10 @@ class HashingConfig:
     compression_ratio: Optional[float] = None
     # Salts every hash: another seed gives independent hash functions.
     seed: int = 0
-    # Per-feature overrides: feature name -> fields above (e.g. {user_id: {method: qr}}).
-    features: Dict[str, FeatureHashingConfig] = field(default_factory=dict)
+    # Per-feature overrides: feature name -> fields of FeatureHashingConfig, e.g.
+    # +hashing.features.user_id.method=qr. Typed Any (then checked below) because Hydra
+    # cannot append to a dict of dataclasses from the command line.
+    features: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_hashing_values("hashing", self)
@@ -161,8 +164,17 @@ class HashingConfig:
             raise ValueError(
                 f"hashing.compression_ratio must be >= 1, got {self.compression_ratio}"
             )
-        for name, override in self.features.items():
-            _check_hashing_values(f"hashing.features.{name}", override)
+        known = {f.name for f in dataclasses.fields(FeatureHashingConfig)}
+        for name, override in list(self.features.items()):
+            if isinstance(override, str):  # +hashing.features.user_id=qr: just the method
+                override = {"method": override}
+            if not isinstance(override, dict) or not set(override) <= known:
+                raise ValueError(
+                    f"hashing.features.{name}={override!r}: expected a method name or a dict "
+                    f"with keys among {sorted(known)}"
+                )
+            self.features[name] = FeatureHashingConfig(**override)
+            _check_hashing_values(f"hashing.features.{name}", self.features[name])
 
 
 @dataclass

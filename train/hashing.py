@@ -35,7 +35,8 @@ class FrequencyFile:
         self.path = path
         self._ids: dict[str, torch.Tensor] | None = None
 
-    def ids(self, feature_name: str, count: int) -> torch.Tensor:
+    def ids(self, feature_name: str, count: int | None, num_embeddings: int) -> torch.Tensor:
+        """The first ``count`` IDs; None = as many as listed, up to half the rows."""
         if not self.path:
             raise ValueError(
                 f"feature {feature_name}: hashing method frequency needs hashing.frequency_file "
@@ -54,6 +55,8 @@ class FrequencyFile:
                 f"hashing.frequency_file={self.path} has no counts for feature {feature_name}"
             )
         ids = self._ids[feature_name]
+        if count is None:
+            count = max(1, min(ids.numel(), num_embeddings // 2))
         if ids.numel() < count:
             raise ValueError(
                 f"hashing.frequency_file={self.path} lists {ids.numel()} IDs for feature "
@@ -97,8 +100,9 @@ def resolve_hashing(
         num_embeddings = max(1, math.ceil(id_space / hashing.compression_ratio))
     frequent_ids = None
     if method == "frequency":
-        count = pick("num_frequent") or max(1, num_embeddings // 2)
-        frequent_ids = (frequency_file or FrequencyFile(None)).ids(name, count)
+        frequent_ids = (frequency_file or FrequencyFile(None)).ids(
+            name, pick("num_frequent"), num_embeddings
+        )
     spec = HashingSpec(
         method=method,
         num_hashes=pick("num_hashes"),

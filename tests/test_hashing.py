@@ -1,0 +1,186 @@
+"""Hashing methods on their own: mappings, range errors, combiners, collision statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from modules.collisions import (
+    distinct_signatures,
+    expected_collision_rate,
+    feature_expected_collision_rate,
+    measured_collision_rate,
+)
+from modules.embeddings import embedding_collection
+from modules.features import FeatureGroupSpec, FeatureSpec
+from modules.hash_combine import PooledCombiner
+from modules.hash_functions import hash64, non_negative, seed_salt
+from modules.hashing import HashingSpec, feature_keys, qr_remainder_rows
+from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
+from train.frequency_counts import count_frequent_ids
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def feature(name, method, rows=100, id_space=10**9, ids_per_sample=1, **hashing):
+    return FeatureSpec(name, id_space, rows, ids_per_sample=ids_per_sample,
+                       hashing=HashingSpec(method, **hashing))
+
+
+def kjt(features: dict[str, torch.Tensor], batch_size: int) -> KeyedJaggedTensor:
+    lengths = [torch.full((batch_size,), v.numel() // batch_size, dtype=torch.int32)
+               for v in features.values()]
+    return KeyedJaggedTensor(list(features), torch.cat(list(features.values())),
+                             lengths=torch.cat(lengths))
+
+
+def test_every_method_maps_into_its_tables_and_keys_follow_table_order():
+    frequent = torch.tensor([42, -5, 7])
+    features = [
+        feature("h", "hash"),
+        feature("n", "none", rows=50, id_space=50),
+        feature("m", "multi_hash", num_hashes=3, importance_rows=16),
+        feature("q", "qr", rows=100, id_space=10**6, ids_per_sample=2),
+        feature("f", "frequency", frequent_ids=frequent),
+        feature("o", "modulo"),
+    ]
+    mapper = HashingIdMapper(features)
+    group = FeatureGroupSpec("g", 8, tuple(features))
+    ebc = embedding_collection(group, torch.device("cpu"))
+    # The unsharded collection's key order is its tables' feature names, concatenated.
+    assert mapper.output_keys == [k for t in ebc.embedding_bag_configs() for k in t.feature_names]
+    ids = torch.tensor([INT64_MIN, -1, 0, 7, 42, INT64_MAX])
+    raw = {"h": ids, "n": torch.tensor([0, 49, 3, 4, 5, 6]), "m": ids, "q": torch.cat([ids, ids]),
+           "f": ids, "o": ids}
+    rows = mapper(kjt(raw, 6)).to_dict()
+    salt = seed_salt(0, "id-hash", "h", 0)
+    assert torch.equal(rows["h"].values(), non_negative(hash64(ids, salt)) % 100)
+    assert torch.equal(rows["n"].values(), raw["n"])
+    assert torch.equal(rows["o"].values(), torch.remainder(ids, 100))
+    for key in ("m#h0", "m#h1", "m#h2"):
+        assert 0 <= rows[key].values().min() and rows[key].values().max() < 100
+    assert rows["m#w"].values().max() < 16
+    assert not torch.equal(rows["m#h0"].values(), rows["m#h1"].values())
+    # QR: (quotient, remainder) is the hashed virtual index, factorised.
+    q = qr_remainder_rows(features[3])
+    virtual = non_negative(hash64(raw["q"], seed_salt(0, "id-hash", "q", 0))) % (10**6 // q * q)
+    assert torch.equal(rows["q#q"].values() * q + rows["q#r"].values(), virtual)
+    assert rows["q#q"].lengths().eq(2).all()
+    # Frequency: frequent IDs take their rank's row, the rest hash into rows 3..99.
+    f_rows = rows["f"].values()
+    assert f_rows[ids == 42].item() == 0 and f_rows[ids == 7].item() == 2
+    assert (f_rows[(ids != 42) & (ids != 7)] >= 3).all() and f_rows.max() < 100
+    # The same mapping through feature_rows (used by the collision report).
+    assert torch.equal(mapper.feature_rows("m", ids)[:, 3], rows["m#w"].values())
+    assert torch.equal(mapper.feature_rows("n", torch.tensor([3])), torch.tensor([[3]]))
+
+
+@pytest.mark.parametrize("bad", [-1, 50, INT64_MAX, INT64_MIN])
+def test_none_rejects_ids_outside_the_table_naming_feature_and_value(bad):
+    mapper = HashingIdMapper([feature("a", "hash"), feature("n", "none", rows=50, id_space=50)])
+    with pytest.raises(IdOutOfRangeError, match=rf"feature n \(hashing none\): raw ID {bad} is outside \[0, 50\)"):
+        mapper(kjt({"a": torch.tensor([1, 2]), "n": torch.tensor([3, bad])}, 2))
+
+
+def test_combiners_sum_concat_mult_and_importance_weights():
+    features = [
+        feature("s", "multi_hash", num_hashes=2),
+        feature("c", "multi_hash", num_hashes=3, combine="concat"),
+        feature("w", "multi_hash", num_hashes=2, importance_rows=4),
+        feature("m", "qr", rows=10, id_space=1000),
+        feature("a", "qr", rows=10, id_space=1000, combine="sum"),
+        feature("k", "qr", rows=10, id_space=1000, combine="concat"),
+    ]
+    pooled = {key: torch.randn(3, 4) for f in features for key in feature_keys(f)}
+    out = PooledCombiner(features)(pooled)
+    torch.testing.assert_close(out[0], pooled["s#h0"] + pooled["s#h1"])
+    assert out[1].shape == (3, 12)
+    weights = pooled["w#w"]
+    torch.testing.assert_close(
+        out[2], pooled["w#h0"] * (1 + weights[:, :1]) + pooled["w#h1"] * (1 + weights[:, 1:2])
+    )
+    torch.testing.assert_close(out[3], pooled["m#q"] * pooled["m#r"])
+    torch.testing.assert_close(out[4], pooled["a#q"] + pooled["a#r"])
+    torch.testing.assert_close(out[5], torch.cat([pooled["k#q"], pooled["k#r"]], 1))
+
+
+def test_importance_weights_learn_through_the_collection():
+    spec = feature("u", "multi_hash", num_hashes=2, importance_rows=8)
+    group = FeatureGroupSpec("g", 4, (spec,))
+    ebc = embedding_collection(group, torch.device("cpu"))
+    rows = HashingIdMapper([spec])(kjt({"u": torch.tensor([11, 12, 13])}, 3))
+    PooledCombiner([spec])(ebc(rows).to_dict())[0].square().sum().backward()
+    grads = {name: p.grad for name, p in ebc.named_parameters()}
+    assert grads["embedding_bags.u_weights.weight"].abs().sum() > 0
+    assert grads["embedding_bags.u.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(method="hash", rows=5000),
+        dict(method="modulo", rows=5000),
+        dict(method="multi_hash", rows=150, num_hashes=2),
+        dict(method="multi_hash", rows=60, num_hashes=2, importance_rows=7),
+        dict(method="qr", rows=5000, id_space=20_000),
+        dict(method="frequency", rows=5000, frequent_ids=torch.arange(1000) * 3 + 1),
+    ],
+    ids=lambda spec: spec["method"] + ("+weights" if spec.get("importance_rows") else ""),
+)
+def test_measured_collisions_match_balls_into_bins_on_uniform_ids(spec):
+    spec = dict(spec)
+    rows, id_space = spec.pop("rows"), spec.pop("id_space", 10**9)
+    method = spec.pop("method")
+    hashed = feature("x", method, rows=rows, id_space=id_space, **spec)
+    mapper = HashingIdMapper([hashed])
+    generator = torch.Generator().manual_seed(5)
+    num_ids = 10_000
+    ids = torch.unique(torch.randint(INT64_MIN, INT64_MAX, (num_ids,), generator=generator))
+    if method == "frequency":  # the head of the distribution is among the IDs seen
+        ids = torch.unique(torch.cat([ids, hashed.hashing.frequent_ids]))
+    measured = measured_collision_rate(ids.numel(), distinct_signatures(mapper.feature_rows("x", ids)))
+    expected = feature_expected_collision_rate(hashed, ids.numel())
+    assert expected > 0.05  # the test is about real collisions
+    assert abs(measured - expected) < 0.02 + 0.05 * expected, (measured, expected)
+
+
+def test_none_and_dense_ids_do_not_collide_and_analytic_limits():
+    dense = feature("n", "none", rows=1000, id_space=1000)
+    assert feature_expected_collision_rate(dense) == 0.0
+    ids = torch.arange(1000)
+    assert distinct_signatures(HashingIdMapper([dense]).feature_rows("n", ids)) == 1000
+    assert expected_collision_rate(1, 10) == 0.0
+    assert abs(expected_collision_rate(1e9, 1e9) - 0.36788) < 1e-4  # 1/e of IDs share
+    assert expected_collision_rate(2e9, 2e5) > 0.9998
+
+
+def test_frequency_counts_are_ordered_and_deterministic():
+    from modules.batch import Batch
+
+    ids = torch.tensor([5, 3, 5, 9, 3, 5, 1, 9, 9, 9])
+    batch = Batch(torch.zeros(10, 1), {"g": kjt({"a": ids}, 10)}, torch.zeros(10))
+    counted = count_frequent_ids([batch, batch], top=3)
+    assert counted["ids"]["a"].tolist() == [9, 5, 3]
+    assert counted["counts"]["a"].tolist() == [8, 6, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="multi_hash", num_hashes=0), "num_hashes (k) must be >= 1"),
+        (dict(method="qr", q=1), "q must be >= 2"),
+        (dict(method="qr", q=10**10), "is above the declared id_space"),
+        (dict(method="hash", rows=2 * 10**9), "buckets is above the declared id_space"),
+        (dict(method="multi_hash", combine="mult"), "combine='mult' is not one of sum, concat"),
+        (dict(method="frequency"), "needs a non-empty list of frequent IDs"),
+        (dict(method="multi_hash", importance_rows=4, ids_per_sample=3), "need one ID per sample"),
+    ],
+)
+def test_bad_specs_fail_naming_the_feature(kwargs, message):
+    kwargs = dict(kwargs)
+    rows, ids_per_sample = kwargs.pop("rows", 100), kwargs.pop("ids_per_sample", 1)
+    with pytest.raises(ValueError, match="feature user_id") as error:
+        feature("user_id", kwargs.pop("method"), rows=rows, id_space=10**9,
+                ids_per_sample=ids_per_sample, **kwargs)
+    assert message in str(error.value)
