@@ -1,0 +1,106 @@
+"""Plot eval AUC against embedding bytes, one curve per hashing method, from a sweep.
+
+    python scripts/plot_tradeoff.py multirun/tradeoff --png docs/tradeoff.png --markdown docs/tradeoff.md
+
+Reads every ``<sweep dir>/*/summary.json`` with its ``.hydra/config.yaml`` (method and
+compression ratio), draws the Bayes-optimal AUC of the planted data as a line, and writes the
+picture and a Markdown table of the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+LABELS = {"default": "hash", "modulo": "modulo", "multi_hash": "multi_hash (k=2)",
+          "qr": "qr (mult)", "frequency": "frequency"}
+
+
+def load_points(sweep_dir: Path) -> list[dict]:
+    points = []
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        config = yaml.safe_load((summary_path.parent / ".hydra" / "config.yaml").read_text())
+        hashing = config["hashing"]
+        points.append({
+            "method": hashing["name"],
+            "ratio": hashing["compression_ratio"],
+            "embedding_bytes": summary["embedding_bytes"],
+            "eval_auc": summary["eval_auc"],
+            "bayes_auc": summary["eval_bayes_auc"],
+            "samples_per_sec": summary["samples_per_sec"],
+            "collisions": {
+                name: entry["measured_collision_rate"]
+                for name, entry in (summary.get("hashing") or {}).items()
+            },
+        })
+    if not points:
+        raise SystemExit(f"no */summary.json under {sweep_dir}")
+    return points
+
+
+def markdown(points: list[dict]) -> str:
+    lines = [
+        "| method | compression | embedding bytes | eval AUC | Bayes AUC | gap | user_id collisions (eval) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in sorted(points, key=lambda p: (p["method"], p["ratio"])):
+        user = p["collisions"].get("user_id")
+        lines.append(
+            f"| {LABELS.get(p['method'], p['method'])} | {p['ratio']:g}x | "
+            f"{p['embedding_bytes'] / 2**20:,.1f} MiB | {p['eval_auc']:.4f} | {p['bayes_auc']:.4f} | "
+            f"{p['bayes_auc'] - p['eval_auc']:.4f} | "
+            f"{'-' if user is None else f'{100 * user:.1f}%'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        curves[p["method"]].append(p)
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method, curve in sorted(curves.items()):
+        curve.sort(key=lambda p: p["embedding_bytes"])
+        axis.plot([p["embedding_bytes"] / 2**20 for p in curve], [p["eval_auc"] for p in curve],
+                  marker="o", label=LABELS.get(method, method))
+    bayes = sum(p["bayes_auc"] for p in points) / len(points)
+    axis.axhline(bayes, color="black", linestyle="--", label=f"Bayes AUC {bayes:.4f}")
+    axis.set_xscale("log")
+    axis.set_xlabel("embedding bytes (parameters + optimizer state), MiB")
+    axis.set_ylabel("eval AUC")
+    axis.set_title("hashing trade-off on planted data (compression 4x .. 256x)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--png", type=Path, default=Path("docs/tradeoff.png"))
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    points = load_points(args.sweep_dir)
+    plot(points, args.png)
+    table = markdown(points)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    print(table)
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
