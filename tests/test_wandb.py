@@ -128,14 +128,15 @@ def test_once_per_run_config_system_tables_and_summary(two_rank_offline_run):
     assert system["world_size"] == 2 and system["device"] == "cpu"
     assert system["torch"] and system["torchrec"] and system["fbgemm_gpu"]
     # The plan table: one row per table, with type, ranks, rows, dim and bytes.
-    plan_path = only(list((run_file.parent / "files/media/table/mem").glob("sharding_plan_*.table.json")))
-    plan = json.loads(plan_path.read_text())
+    tables_dir = run_file.parent / "files" / "media" / "table"
+    plan = json.loads(only(list(tables_dir.glob("mem/sharding_plan_*.table.json"))).read_text())
     assert plan["columns"][:6] == ["table", "sharding_type", "ranks", "rows", "dim", "bytes"]
     assert {row[0] for row in plan["data"]} == TABLES
-    assert {row[1] for row in plan["data"]} == {"row_wise"} and {row[2] for row in plan["data"]} == {"0,1"}
+    assert {row[1] for row in plan["data"]} == {"row_wise"}
+    assert {row[2] for row in plan["data"]} == {"0,1"}
     assert sum(row[5] for row in plan["data"]) == summary["embedding_bytes"]
-    hashing_path = only(list((run_file.parent / "files/media/table/hash").glob("memory_*.table.json")))
-    assert {row[0] for row in json.loads(hashing_path.read_text())["data"]} == set(summary["hashing"])
+    hashing = json.loads(only(list(tables_dir.glob("hash/memory_*.table.json"))).read_text())
+    assert {row[0] for row in hashing["data"]} == set(summary["hashing"])
     # The final summary is summary.json's content.
     for key in ("state_digest", "steps", "samples", "embedding_bytes", "world_size"):
         assert run.summary[key] == summary[key]
@@ -171,7 +172,8 @@ def test_online_with_unreachable_wandb_trains_and_falls_back_offline(tmp_path):
     assert summary["steps"] == 12
     # The failed online attempt may leave its own folder; the run continues in an offline
     # one with the same id, which summary.json names.
-    run_file = only([p for p in find_run_files(tmp_path) if p.parent.name.startswith("offline-run-")])
+    run_files = find_run_files(tmp_path)
+    run_file = only([p for p in run_files if p.parent.name.startswith("offline-run-")])
     assert summary["wandb_dir"] == str(run_file.parent)
     run = read_run(run_file)
     assert run.values("train/loss") and run.summary["state_digest"] == summary["state_digest"]
@@ -203,7 +205,8 @@ def test_disabled_mode_never_imports_wandb(tmp_path):
         "import sys; from pathlib import Path\n"
         "from train.config import LoggerConfig\n"
         "from train.metrics_logger import MetricsLogger\n"
-        "logger = MetricsLogger(LoggerConfig(name='t', mode='disabled'), Path(sys.argv[1]), True, {})\n"
+        "config = LoggerConfig(name='t', mode='disabled')\n"
+        "logger = MetricsLogger(config, Path(sys.argv[1]), True, {})\n"
         "logger.log({'train/loss': 0.5}, step=1); logger.finish({'steps': 1})\n"
         "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
     )

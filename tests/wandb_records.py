@@ -120,7 +120,8 @@ def read_run(path: str | Path) -> RunFile:
             for item in record.config.update:
                 run.config[_key(item)] = _value(item.value_json)
         elif kind == "history":
-            run.history.append({_key(item): _value(item.value_json) for item in record.history.item})
+            row = {_key(item): _value(item.value_json) for item in record.history.item}
+            run.history.append(row)
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = _value(item.value_json)

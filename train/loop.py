@@ -87,7 +87,11 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     the schedule scales every group alike), else ``train/lr/group<i>``."""
     parts = getattr(optimizer, "optimizers", None)
     if parts:
-        return {f"train/lr/{name}": float(part.param_groups[0]["lr"]) for name, part in parts if part.param_groups}
+        return {
+            f"train/lr/{name}": float(part.param_groups[0]["lr"])
+            for name, part in parts
+            if part.param_groups
+        }
     return {f"train/lr/group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
@@ -169,7 +173,9 @@ class Trainer:
         Every rank calls this at the same steps (a collective)."""
         num_steps = step - window.start_step
         window_loss = torch.stack(list(losses)[-num_steps:]).mean()
-        figures = rank_figures(window, step, batches, window_loss, self.batch_size, self.context.device)
+        figures = rank_figures(
+            window, step, batches, window_loss, self.batch_size, self.context.device
+        )
         per_rank = gather_ranks(figures)  # the one host-device sync of the window
         if not self.context.is_main:
             return

@@ -128,7 +128,7 @@ def plan_table(placed: list[PlacedTable]) -> tuple[list[str], list[list[Any]]]:
             table.num_embeddings,
             table.embedding_dim,
             sum(table.bytes_per_rank.values()),
-            json.dumps({str(rank): num_bytes for rank, num_bytes in sorted(table.bytes_per_rank.items())}),
+            json.dumps({str(rank): size for rank, size in sorted(table.bytes_per_rank.items())}),
         ]
         for table in placed
     ]
@@ -151,7 +151,8 @@ def hashing_table(hashing: Any) -> tuple[list[str], list[list[Any]]] | None:
         row: list[Any] = [feature]
         for key in fields:
             value = entry.get(key)
-            row.append(value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value))
+            is_scalar = value is None or isinstance(value, (int, float, str, bool))
+            row.append(value if is_scalar else json.dumps(value))
         rows.append(row)
     return columns, rows
 

@@ -168,7 +168,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         write_summary(run_dir, summary)
         say(format_hashing(summary["hashing"]))
         say(format_summary(summary))
-    # After summary.json is safe on disk: the hashing table and hash/ keys, W&B's summary.
+    # After summary.json is safe on disk: the hashing table, then W&B's summary and finish.
     metrics.log_hashing(summary["hashing"], result.steps)
     metrics.finish(summary)
     return summary
