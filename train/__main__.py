@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from train.config import register_configs
-from train.run import ConfigError, run
+from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run
 
 register_configs()
 
@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"hashrec: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Stopped as stopped:
+        print(f"hashrec: {stopped}", file=sys.stderr)
+        raise SystemExit(STOPPED_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

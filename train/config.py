@@ -329,7 +329,7 @@ class TrainerConfig:
     # Evaluate every this many steps (and at the end); 0 = only at the end.
     eval_every: int = 500
     seed: int = 0
-    # none | auto | a checkpoint path (checkpoints land with the checkpoint issue).
+    # none | auto (the latest intact checkpoint of the run directory, if any) | a checkpoint path.
     resume: str = "none"
 
     def __post_init__(self) -> None:
@@ -337,19 +337,49 @@ class TrainerConfig:
         _check_positive("trainer.batch_size", self.batch_size)
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
-        if self.resume != "none":
-            raise ValueError(
-                f"trainer.resume={self.resume!r}: resuming is not implemented yet (only 'none')"
-            )
+        if not self.resume:
+            raise ValueError("trainer.resume must be none, auto or a checkpoint path")
 
 
 @dataclass
 class CheckpointConfig:
+    """Distributed checkpoints under <run dir>/checkpoints (train/checkpoint.py)."""
+
+    # Write a checkpoint every this many steps (0 = no periodic checkpoints).
     every_steps: int = 0
+    # Also write one when training ends.
+    at_end: bool = True
+    # Complete checkpoints kept (older ones are deleted after a new one is complete).
+    keep: int = 2
+    # SIGTERM / SIGUSR2 (pre-emption): ranks agree every this many steps to save and stop.
+    signal_check_every: int = 5
 
     def __post_init__(self) -> None:
-        if self.every_steps != 0:
-            raise ValueError("checkpoint.every_steps: checkpoints are not implemented yet (use 0)")
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _check_positive("checkpoint.keep", self.keep)
+        _check_positive("checkpoint.signal_check_every", self.signal_check_every)
+
+
+@dataclass
+class PlanTopologyConfig:
+    """A cluster to plan for with plan_only=true (it need not exist)."""
+
+    # Ranks to plan for; null = plan for the launched ranks (and train unless plan_only).
+    world_size: Optional[int] = None
+    # Ranks per host.
+    local_world_size: int = 8
+    # cuda (tables in device memory, spilling to host) or cpu.
+    compute_device: str = "cuda"
+    # Memory per rank: device (HBM) and host (DDR).
+    hbm_bytes_per_rank: int = 80 * 1024**3
+    host_bytes_per_rank: int = 256 * 1024**3
+
+    def __post_init__(self) -> None:
+        _check_choice("plan_topology.compute_device", self.compute_device, ("cuda", "cpu"))
+        if self.world_size is not None:
+            _check_positive("plan_topology.world_size", self.world_size)
+        _check_positive("plan_topology.local_world_size", self.local_world_size)
 
 
 @dataclass
@@ -367,6 +397,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Plan the sharding, print it, and exit without training.
     plan_only: bool = False
+    plan_topology: PlanTopologyConfig = field(default_factory=PlanTopologyConfig)
+
+    def __post_init__(self) -> None:
+        if self.plan_topology.world_size is not None and not self.plan_only:
+            raise ValueError("plan_topology.world_size plans a cluster you do not have: set plan_only=true")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

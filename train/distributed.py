@@ -85,6 +85,23 @@ def _slurm_master_address() -> str:
         return nodelist.split(",")[0]
 
 
+def _restart_store(launch: LaunchEnv, restart: str) -> dist.Store:
+    """The torchrun agent's store, under a prefix of its own for this restart.
+
+    After ``torchrun --max-restarts`` restarts the workers, the agent's store still holds the
+    previous attempt's keys, and gloo's full-mesh connect reads the dead ranks' addresses from
+    them ("Connection refused"). A prefix per restart gives each attempt a clean key space.
+    """
+    uses_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=launch.world_size,
+        is_master=not uses_agent_store and launch.rank == 0,
+    )
+    return dist.PrefixStore(f"hashrec/restart_{restart}", store)
+
+
 def init_distributed() -> DistributedContext:
     """Start the process group for whatever launched us and pick the device."""
     launch = detect_launch()
@@ -105,12 +122,21 @@ def init_distributed() -> DistributedContext:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=launch.rank,
-            world_size=launch.world_size,
-        )
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if launch.launcher == "torchrun" and restart != "0":
+            dist.init_process_group(
+                backend=backend,
+                store=_restart_store(launch, restart),
+                rank=launch.rank,
+                world_size=launch.world_size,
+            )
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                rank=launch.rank,
+                world_size=launch.world_size,
+            )
     return DistributedContext(
         rank=launch.rank,
         world_size=launch.world_size,

@@ -95,6 +95,10 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"train/lr/group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
+class TrainingStopped(Exception):
+    """Training stopped early on request (a pre-emption signal); the step is in ``args[0]``."""
+
+
 class Trainer:
     """Runs ``steps`` training steps with an evaluation every ``eval_every`` steps.
 
@@ -120,6 +124,7 @@ class Trainer:
         eval_extras: EvalExtras | None = None,
         num_eval_batches: int | None = None,
         progress_bar: bool = True,
+        after_step: Callable[[int], bool] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -135,6 +140,9 @@ class Trainer:
         self.eval_extras = eval_extras
         self.num_eval_batches = num_eval_batches
         self.progress_bar = progress_bar
+        # Called with the number of steps done after every step (checkpoints, pre-emption);
+        # returning True stops training with TrainingStopped. Every rank calls it.
+        self.after_step = after_step
         self.progress = Progress(enabled=False, total_steps=0)
         self._measured_embedding_bytes: list[int] | None = None
         self.pipeline = TrainPipelineSparseDist(
@@ -165,6 +173,8 @@ class Trainer:
             if (step + 1) % self.log_every == 0 or step + 1 == stop:
                 self._report(step + 1, window, batches, losses)
                 window = Window.open(step + 1, batches)
+            if self.after_step is not None and self.after_step(step + 1):
+                raise TrainingStopped(step + 1)
 
     def _report(
         self, step: int, window: Window, batches: TimedIterator, losses: deque[torch.Tensor]
@@ -248,7 +258,8 @@ class Trainer:
             self.progress.write(line)
         return result
 
-    def train(self, steps: int, eval_every: int) -> TrainResult:
+    def train(self, steps: int, eval_every: int, start_step: int = 0) -> TrainResult:
+        """Steps [start_step, steps); start_step > 0 continues a resumed run."""
         self.progress = Progress(
             enabled=self.context.is_main,
             total_steps=steps,
@@ -263,30 +274,31 @@ class Trainer:
         )
         self._measured_embedding_bytes = [int(v) for v in gather_concat(measured).cpu()]
         try:
-            return self._train(steps, eval_every)
+            return self._train(steps, eval_every, start_step)
         finally:
             self.progress.close()
 
-    def _train(self, steps: int, eval_every: int) -> TrainResult:
+    def _train(self, steps: int, eval_every: int, start_step: int) -> TrainResult:
         self._total_steps = steps
         boundaries = list(range(eval_every, steps, eval_every)) if eval_every > 0 else []
-        boundaries.append(steps)
+        boundaries = [b for b in boundaries if b > start_step] + [steps]
+        warmup_end = start_step + WARMUP_STEPS
         losses: deque[torch.Tensor] = deque(maxlen=max(self.log_every, 1))
         evals: list[EvalResult] = []
         timed_seconds = 0.0
         timed_steps = 0
-        start = 0
+        start = start_step
         for stop in boundaries:
-            # Time only training, after the first WARMUP_STEPS steps of the run.
-            if start < WARMUP_STEPS < stop:
-                self._run_segment(start, WARMUP_STEPS, losses)
-                start_timed = WARMUP_STEPS
+            # Time only training, after the first WARMUP_STEPS steps of this process.
+            if start < warmup_end < stop:
+                self._run_segment(start, warmup_end, losses)
+                start_timed = warmup_end
             else:
                 start_timed = start
             if start_timed < stop:
                 segment_clock = time.perf_counter()
                 self._run_segment(start_timed, stop, losses)
-                if start_timed >= WARMUP_STEPS:
+                if start_timed >= warmup_end:
                     timed_seconds += time.perf_counter() - segment_clock
                     timed_steps += stop - start_timed
             evals.append(self.evaluate(stop))

@@ -17,9 +17,12 @@ from train.data import build_data_source
 from train.config import Config
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
 from train.hashing import format_hashing, hashing_report
-from train.loop import Trainer
+from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
+from train.checkpoint_policy import CheckpointPolicy
+from train.loop import Trainer, TrainingStopped
 from train.metrics_logger import hashing_metrics, start_run_logging
 from train.optimizers import WarmupDecaySchedule
+from train.planning import PlanDoesNotFit, format_memory, plan_for_topology
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import format_summary, max_over_ranks, peak_rss_bytes, write_summary
@@ -43,7 +46,36 @@ def to_config(cfg: DictConfig | Config) -> Config:
 
 
 class ConfigError(Exception):
-    """A config that cannot run; its message is one line naming the key and the problem."""
+    """A config or input that cannot run; its message is one line naming what and where."""
+
+
+# 128 + SIGTERM, what a process killed by SIGTERM reports: a stopped run is not a success.
+STOPPED_EXIT_CODE = 143
+
+
+class Stopped(Exception):
+    """Training stopped on a pre-emption signal after saving a checkpoint."""
+
+
+def resume_if_asked(config: Config, job, run_dir: Path, say) -> int:
+    """Load the checkpoint trainer.resume points at; returns the step to continue from."""
+    if config.trainer.resume == "none":
+        return 0
+    try:
+        info = choose_checkpoint(config.trainer.resume, run_dir)
+        if info is None:
+            say("resume=auto: no checkpoint in the run directory yet, starting at step 0")
+            return 0
+        load_checkpoint(info, job.model, job.optimizer)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    if info.step >= config.trainer.steps:
+        raise ConfigError(
+            f"checkpoint {info.path} is at step {info.step}; trainer.steps={config.trainer.steps} "
+            f"leaves nothing to train"
+        )
+    say(f"resumed from {info.path} at step {info.step}")
+    return info.step
 
 
 def validated(cfg: DictConfig | Config) -> tuple[Config, list]:
@@ -66,11 +98,37 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
         shutdown_distributed()
 
 
+def _plan_target(config: Config, groups, context: DistributedContext, say) -> dict:
+    """plan_only for a target topology: rank 0 plans, prints, and says whether it fits."""
+    target = config.plan_topology
+    say(
+        f"hashrec: planning features={config.features.name} for {target.world_size} x "
+        f"{target.compute_device} ranks ({min(target.local_world_size, target.world_size)} per host)"
+    )
+    try:
+        plan = plan_for_topology(config, groups)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    except PlanDoesNotFit as error:
+        raise ConfigError(f"plan does not fit: {error}") from error
+    say("sharding plan\n" + format_plan(plan.placed, target.world_size))
+    say("memory per rank\n" + format_memory(plan))
+    say("the plan fits")
+    return {
+        "world_size": target.world_size,
+        "embedding_bytes_per_rank": embedding_bytes_per_rank(plan.placed, target.world_size),
+        "hbm_bytes_per_rank": plan.hbm_bytes_per_rank,
+        "host_bytes_per_rank": plan.host_bytes_per_rank,
+    }
+
+
 def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
     def say(message: str) -> None:
         if context.is_main:
             print(message, flush=True)
 
+    if config.plan_topology.world_size is not None:
+        return _plan_target(config, groups, context, say)
     say(
         f"hashrec: world size {context.world_size} ({context.backend}, {context.device.type}), "
         f"features={config.features.name} model={config.model.name} "
@@ -117,6 +175,10 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
             extras["eval/bayes_auc"] = eval_bayes_auc
         return extras
 
+    start_step = resume_if_asked(config, job, run_dir, say)
+    checkpoints = CheckpointPolicy(
+        run_dir, job.model, job.optimizer, config.checkpoint, config.trainer.steps, say
+    )
     schedule = WarmupDecaySchedule(job.optimizer, config.optim)
     trainer = Trainer(
         model=job.model,
@@ -133,10 +195,21 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         eval_extras=eval_extras,
         num_eval_batches=config.data.eval_batches if config.data.source == "synthetic" else None,
         progress_bar=config.logger.progress_bar,
+        after_step=checkpoints.after_step,
     )
     started = time.perf_counter()
     try:
-        result = trainer.train(config.trainer.steps, config.trainer.eval_every)
+        with checkpoints.signals():
+            result = trainer.train(config.trainer.steps, config.trainer.eval_every, start_step)
+        checkpoints.at_end(result.steps)
+    except TrainingStopped as stopped:
+        metrics.finish(None, exit_code=STOPPED_EXIT_CODE)
+        raise Stopped(
+            f"stopped by signal at step {stopped.args[0]}; resume with trainer.resume=auto"
+        ) from None
+    except CheckpointError as error:
+        metrics.finish(None, exit_code=1)
+        raise ConfigError(str(error)) from None
     except BaseException:
         metrics.finish(None, exit_code=1)
         raise

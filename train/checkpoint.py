@@ -1,0 +1,304 @@
+"""Distributed checkpoints: written atomically, kept K deep, found again on resume.
+
+Layout under ``<run dir>/checkpoints/``::
+
+    step_00000400/            a complete checkpoint (only ever appears whole)
+        .metadata, *.distcp   torch.distributed.checkpoint files (every rank writes its shards)
+        rank_00000.pt ...     per-rank extras: RNG states
+        meta.json             step, world size, table shapes, file sizes; written last
+    step_00000500.partial/    a checkpoint being written (ignored and cleaned up on resume)
+
+Atomicity: all ranks write into ``*.partial``; after every rank has finished (a collective),
+rank 0 writes ``meta.json`` and renames the folder. A crash before the rename leaves the
+previous checkpoint as the latest complete one. On resume, a checkpoint whose files do not
+match the sizes in its ``meta.json`` (a truncated copy, a damaged disk) is named, skipped, and
+the previous complete one is used instead.
+
+Sharded tables and their fused optimizer state are ShardedTensors, which
+torch.distributed.checkpoint reshards on load: a checkpoint written by 2 ranks row-wise loads
+into 1 rank table-wise.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch import nn
+
+from train.tables import table_name_of
+
+CHECKPOINT_DIR = "checkpoints"
+META = "meta.json"
+PARTIAL = ".partial"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written or used; the message names it."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _first_error(error: str | None) -> str | None:
+    """Any rank's error message, on every rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((message for message in errors if message), None)
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def table_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Full (unsharded) shape of every table, for the compatibility check on resume."""
+    shapes = {}
+    for key, value in model.state_dict().items():
+        name = table_name_of(key)
+        if name is not None:
+            shapes[name] = list(value.size())
+    return shapes
+
+
+def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != META}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keep: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` (a collective: every rank calls it).
+
+    Raises CheckpointError (on every rank) when any rank fails to write, after removing
+    the partial folder: nothing half-written is left behind.
+    """
+    root = checkpoint_root(run_dir)
+    final = step_dir(root, step)
+    partial = final.with_name(final.name + PARTIAL)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error = None
+    try:
+        if _is_main():
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        _barrier()
+        dcp.save(_app_state(model, optimizer), checkpoint_id=str(partial))
+        torch.save({"rng": torch.get_rng_state(), **(extra or {})}, partial / f"rank_{rank:05d}.pt")
+    except (Exception, CheckpointException) as caught:  # any failure must reach every rank
+        error = _explain(caught, root)
+    error = _first_error(error)
+    if error is None and _is_main():
+        try:
+            meta = {
+                "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "tables": table_shapes(model),
+                "files": _file_sizes(partial),
+            }
+            (partial / META).write_text(json.dumps(meta, indent=1))
+            os.replace(partial, final)
+            _fsync_dir(root)
+        except OSError as caught:
+            error = f"{type(caught).__name__}: {caught}"
+    error = _first_error(error)
+    if error is not None:
+        if _is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(f"cannot write checkpoint {final}: {error}")
+    if _is_main():
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old.path, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _explain(error: BaseException, root: Path) -> str:
+    """One line for a failed write. torch's writer reports a full disk as a cryptic
+    "unexpected pos" error, so a nearly full disk is named as such."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        free = None
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"No space left on device ({text})"
+    if free is not None and free < 4 * 1024 * 1024:
+        return f"No space left on device ({free} bytes free on {root}; {text})"
+    return f"{type(error).__name__}: {text}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints under ``root`` (folders with meta.json), oldest first."""
+    if not root.exists():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith("step_") and not path.name.endswith(PARTIAL):
+            if (path / META).exists():
+                found.append(CheckpointInfo(path, int(path.name.split("_")[1])))
+    return sorted(found, key=lambda info: info.step)
+
+
+def check_intact(path: Path) -> str | None:
+    """None when every file of the checkpoint is there with its recorded size, else why not."""
+    meta_path = path / META
+    if not meta_path.exists():
+        return "no meta.json (not a complete checkpoint)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable meta.json ({error})"
+    for name, size in meta.get("files", {}).items():
+        file = path / name
+        if not file.exists():
+            return f"missing file {name}"
+        if file.stat().st_size != size:
+            return f"file {name} has {file.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def choose_checkpoint(resume: str, run_dir: Path) -> CheckpointInfo | None:
+    """The checkpoint to resume from (decided on rank 0, shared with every rank).
+
+    ``auto``: the latest intact checkpoint of the run directory (None when there is none);
+    damaged ones are named in a warning and skipped. A path: that checkpoint, which must be
+    intact.
+    """
+    choice: Any = None
+    if _is_main():
+        try:
+            choice = _choose(resume, run_dir)
+        except CheckpointError as error:
+            choice = error
+    choice = _broadcast(choice)
+    if isinstance(choice, CheckpointError):
+        raise choice
+    return choice
+
+
+def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
+    if resume == "auto":
+        root = checkpoint_root(run_dir)
+        for leftover in root.glob(f"*{PARTIAL}") if root.exists() else []:
+            warnings.warn(f"removing unfinished checkpoint {leftover}", stacklevel=2)
+            shutil.rmtree(leftover, ignore_errors=True)
+        for info in reversed(complete_checkpoints(root)):
+            problem = check_intact(info.path)
+            if problem is None:
+                return info
+            print(f"hashrec: warning: skipping damaged checkpoint {info.path}: {problem}", flush=True)
+        return None
+    path = Path(resume)
+    problem = check_intact(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return CheckpointInfo(path, json.loads((path / META).read_text())["step"])
+
+
+def check_compatible(info: CheckpointInfo, model: nn.Module) -> None:
+    """The model's tables must have the checkpoint's shapes; name the first that differs."""
+    saved = json.loads((info.path / META).read_text())["tables"]
+    current = table_shapes(model)
+    for name in sorted(set(saved) | set(current)):
+        if name not in current:
+            raise CheckpointError(f"checkpoint {info.path} has table {name}, which the model lacks")
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {info.path} has no table {name}, which the model has")
+        if saved[name] != current[name]:
+            raise CheckpointError(
+                f"checkpoint {info.path}: table {name} is {saved[name][0]} x {saved[name][1]}, "
+                f"the model's is {current[name][0]} x {current[name][1]}"
+            )
+
+
+def load_checkpoint(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load model and optimizer state in place (resharding as needed); returns this rank's
+    extras (RNG state restored when the world size is unchanged)."""
+    check_compatible(info, model)
+    # Lazily created optimizer state (Adam's) must exist before an in-place load.
+    for name, part in getattr(optimizer, "optimizers", []):
+        if name != "embedding" and not part.state:
+            part.init_state()
+    state = _app_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(info.path))
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"cannot load checkpoint {info.path}: {str(error).splitlines()[0]}") from error
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    meta = json.loads((info.path / META).read_text())
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    extras: dict = {}
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank_file = info.path / f"rank_{rank:05d}.pt"
+    if meta["world_size"] == world_size and rank_file.exists():
+        extras = torch.load(rank_file, weights_only=False)
+        torch.set_rng_state(extras.pop("rng"))
+    return extras

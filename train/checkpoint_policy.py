@@ -1,0 +1,77 @@
+"""When to checkpoint: every N steps, at the end, and when a pre-emption signal arrives.
+
+SIGTERM (torchrun and Slurm stop ranks with it) and SIGUSR2 (the signal hashrec's sbatch
+scripts ask Slurm for before the time limit) only set a flag. The ranks agree on it with one
+all-reduce every ``signal_check_every`` steps, so they all save the same step and stop
+together; a signal is never acted on by one rank alone, which would deadlock the others in
+the next collective.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from train.checkpoint import any_rank, save_checkpoint
+from train.config import CheckpointConfig
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class CheckpointPolicy:
+    def __init__(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: CheckpointConfig,
+        total_steps: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.total_steps = total_steps
+        self.say = say
+        self.signal_received: int | None = None
+        self.last_saved_step: int | None = None
+
+    def save(self, step: int) -> None:
+        path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.config.keep)
+        self.last_saved_step = step
+        self.say(f"checkpoint: step {step} -> {path}")
+
+    def after_step(self, step: int) -> bool:
+        """Called by every rank after every step; True = stop training now."""
+        every = self.config.every_steps
+        if every and step % every == 0 and step < self.total_steps:
+            self.save(step)
+        if step % self.config.signal_check_every == 0 and any_rank(self.signal_received is not None):
+            if self.last_saved_step != step:
+                self.save(step)
+            return True
+        return False
+
+    def at_end(self, step: int) -> None:
+        if (self.config.at_end or self.config.every_steps) and self.last_saved_step != step:
+            self.save(step)
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        """Turn SIGTERM / SIGUSR2 into a stop request for the duration of training."""
+
+        def handler(signum: int, _frame) -> None:
+            self.signal_received = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
