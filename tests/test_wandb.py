@@ -24,7 +24,9 @@ from tests.wandb_records import (
     read_records,
     read_run,
 )
+from train.config import LoggerConfig
 from train.progress import Progress
+from train.wandb_logger import WandbRun
 
 BASE = [item for item in TINY if not item.startswith("logger.")]
 STEPS = ["trainer.steps=30", "trainer.eval_every=15", "logger.log_every=10"]
@@ -197,6 +199,21 @@ def test_job_restarted_in_its_run_dir_continues_the_wandb_run(tmp_path):
     assert run_ids[0] != run_ids[1]  # two W&B folders (two sessions), one run id
     jsonl = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["kind"] == "summary" for line in jsonl) == 2  # appended
+
+
+def test_a_wandb_failure_never_raises(tmp_path):
+    """The run directory is a file, so W&B cannot even make its folder: one warning, W&B
+    off, and every later call is a quiet no-op."""
+    blocked = tmp_path / "not_a_directory"
+    blocked.write_text("")
+    warnings: list[str] = []
+    run = WandbRun(LoggerConfig(name="t", mode="offline"), blocked, {}, warn=warnings.append)
+    run.log({"train/loss": 0.5}, step=1)
+    run.log_table("mem/sharding_plan", ["table"], [["user_id"]], step=1)
+    run.update_config({"system": {"world_size": 1}})
+    run.finish({"steps": 1})
+    assert run.mode == "disabled" and run.directory is None
+    assert len(warnings) == 1 and "training goes on" in warnings[0]
 
 
 def test_disabled_mode_never_imports_wandb(tmp_path):

@@ -65,8 +65,7 @@ class WandbRun:
         self.warned: set[str] = set()
         self.run: Any = None
         self.wandb_root = run_dir / "wandb"
-        self.wandb_root.mkdir(parents=True, exist_ok=True)
-        self.run_id = config.run_id or self._saved_run_id()
+        self.run_id = config.run_id
         self._start(self.mode)
 
     # -- start and fall back ------------------------------------------------------------
@@ -85,6 +84,8 @@ class WandbRun:
         try:
             import wandb
 
+            self.wandb_root.mkdir(parents=True, exist_ok=True)
+            self.run_id = self.run_id or self._saved_run_id()
             settings = wandb.Settings(
                 # The system monitor looks up a W&B host even offline; keep it for online runs
                 # (CPU/GPU utilisation charts) only.
