@@ -24,17 +24,13 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from modules.tabular import MISSING_ID
+from modules.tabular import MISSING_ID, BadRowError
 
 NUM_DENSE = 13
 NUM_CATEGORICAL = 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_CATEGORICAL
 CATEGORICAL_NAMES = [f"C{index}" for index in range(1, NUM_CATEGORICAL + 1)]
 SHARD_SUFFIXES = ("labels", "dense", "categorical")
-
-
-class BadRowError(ValueError):
-    """A malformed line; the message names the file and line number."""
 
 
 @dataclass

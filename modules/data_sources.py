@@ -19,11 +19,14 @@ from modules.batch import Batch
 from modules.criteo import CATEGORICAL_NAMES, NUM_DENSE, CriteoColumns
 from modules.features import FeatureGroupSpec, all_features
 from modules.synthetic import PlantedClickData
-from modules.tabular import MISSING_ID, columns_to_batch
+from modules.tabular import MISSING_ID, columns_to_batch, finite_dense_rows
 
 
 class DataSource(Protocol):
+    # Malformed rows skipped (data.on_bad_row=skip). Counted per rank unless
+    # skipped_rows_are_global (then every rank reports the same, job-wide number).
     skipped_rows: int
+    skipped_rows_are_global: bool
 
     def train_batches(
         self, rank: int, world_size: int, start_step: int, stop_step: int
@@ -36,6 +39,7 @@ class PlantedSource:
     """Synthetic planted-signal data (modules/synthetic.py): batch = f(seed, split, rank, step)."""
 
     skipped_rows = 0
+    skipped_rows_are_global = True
 
     def __init__(self, data: PlantedClickData, num_eval_batches: int) -> None:
         self.data = data
@@ -82,7 +86,9 @@ class CriteoSource:
         self.eval = CriteoColumns(eval_dir)
         self.groups = groups
         self.batch_size = batch_size
+        # Counted once for the whole split by the preprocessing.
         self.skipped_rows = self.train.skipped_rows + self.eval.skipped_rows
+        self.skipped_rows_are_global = True
         self._columns = {name: index for index, name in enumerate(CATEGORICAL_NAMES)}
 
     def _batch(self, block) -> Batch:
@@ -143,6 +149,7 @@ class ParquetSource:
         label_column: str,
         dense_columns: list[str],
         categorical_columns: list[str],
+        skip_bad_rows: bool = False,
     ) -> None:
         import pyarrow.parquet as pq  # only needed for this source
 
@@ -152,10 +159,18 @@ class ParquetSource:
         self.label_column = label_column
         self.dense_columns = dense_columns
         self.categorical_columns = categorical_columns
-        self.skipped_rows = 0
+        self.skip_bad_rows = skip_bad_rows
+        # Rows this rank dropped for non-finite dense values, per row group: a row group read
+        # again (a new epoch, a resumed stream) is not counted twice.
+        self._skipped_per_row_group: dict[tuple[Path, int], int] = {}
+        self.skipped_rows_are_global = False
         check_feature_columns(groups, categorical_columns, f"parquet data {train_dir}")
         self.train_groups = self._row_groups(train_dir)
         self.eval_groups = self._row_groups(eval_dir)
+
+    @property
+    def skipped_rows(self) -> int:
+        return sum(self._skipped_per_row_group.values())
 
     def _row_groups(self, directory: Path) -> list[tuple[Path, int, int]]:
         files = sorted(directory.glob("*.parquet"))
@@ -186,6 +201,14 @@ class ParquetSource:
                     columns[name] = column.fill_null(MISSING_ID).to_numpy().astype(np.int64)
             else:
                 columns[name] = column.fill_null(0).to_numpy(zero_copy_only=False)
+        if self.dense_columns:
+            dense = np.stack([columns[n].astype(np.float64) for n in self.dense_columns], axis=1)
+            good = finite_dense_rows(
+                dense, f"{path.name} row group {index}", self.dense_columns, self.skip_bad_rows
+            )
+            if not good.all():
+                self._skipped_per_row_group[(path, index)] = int((~good).sum())
+                columns = {name: values[good] for name, values in columns.items()}
         return columns
 
     def _batches(self, row_groups, cycle: bool) -> Iterator[Batch]:

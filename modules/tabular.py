@@ -12,6 +12,32 @@ from modules.features import FeatureGroupSpec
 MISSING_ID = -1  # an empty categorical value: an empty bag, not an ID
 
 
+class BadRowError(ValueError):
+    """A malformed input row; the message names the file and the row."""
+
+
+def finite_dense_rows(dense: np.ndarray, where: str, names: list[str], skip: bool) -> np.ndarray:
+    """Boolean mask [N] of rows whose dense values are all finite.
+
+    A NaN or infinite dense value poisons the loss and every weight it touches, so such a row
+    either stops the job (``skip=False``: BadRowError naming ``where``, the row and column) or
+    is dropped by the caller, who counts it (``skip=True``).
+
+    Args:
+        dense: float [N, D].
+        where: file and block, e.g. ``part-0.parquet row group 3``.
+    """
+    finite = np.isfinite(dense)
+    good = finite.all(axis=1)
+    if not skip and not good.all():
+        row, column = np.argwhere(~finite)[0]
+        raise BadRowError(
+            f"{where}, row {row}: dense feature {names[column]} is {dense[row, column]} "
+            f"(use data.on_bad_row=skip to drop such rows)"
+        )
+    return good
+
+
 def columns_to_batch(
     labels: np.ndarray,
     dense: np.ndarray,

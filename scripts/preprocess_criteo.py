@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.criteo import BadRowError  # noqa: E402
+from modules.tabular import BadRowError  # noqa: E402
 from modules.criteo_preprocess import preprocess  # noqa: E402
 
 

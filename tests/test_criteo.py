@@ -64,7 +64,8 @@ def test_training_on_the_real_sample_beats_chance(tmp_path):
     assert summary["evals"][-1]["num_samples"] == 409
 
 
-def test_parquet_with_string_ids_trains(tmp_path):
+def write_parquet(root: Path, nan_at: int | None = None) -> list[str]:
+    """The sample as Parquet with string categorical IDs; returns the train overrides."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,27 +74,40 @@ def test_parquet_with_string_ids_trains(tmp_path):
         table = {"label": pa.array([int(r[0]) for r in rows], pa.int64())}
         for i in range(13):
             # Dense columns arrive as the user prepared them (here: DLRM's log transform).
-            table[f"I{i + 1}"] = pa.array(
-                [math.log1p(max(int(r[1 + i]), 0)) if r[1 + i] else None for r in rows]
-            )
+            values = [math.log1p(max(int(r[1 + i]), 0)) if r[1 + i] else None for r in rows]
+            if nan_at is not None and split == "train" and i == 2:
+                values[nan_at] = float("nan")
+            table[f"I{i + 1}"] = pa.array(values)
         for i in range(26):  # hex strings kept as strings: hashed to int64 IDs by the loader
             table[f"C{i + 1}"] = pa.array([r[14 + i] or None for r in rows], pa.string())
-        (tmp_path / split).mkdir()
-        pq.write_table(pa.table(table), tmp_path / split / "part-0.parquet", row_group_size=row_group)
+        (root / split).mkdir()
+        pq.write_table(pa.table(table), root / split / "part-0.parquet", row_group_size=row_group)
     dense = ",".join(f"I{i}" for i in range(1, 14))
     categorical = ",".join(f"C{i}" for i in range(1, 27))
-    result = run_train(
-        ["features=criteo", "data=parquet", f"data.train_path={tmp_path / 'train'}",
-         f"data.eval_path={tmp_path / 'eval'}", f"data.dense_columns=[{dense}]",
-         f"data.categorical_columns=[{categorical}]", "trainer.steps=56", "trainer.batch_size=128",
-         "trainer.eval_every=0", "optim.embedding_lr=0.02", "optim.dense_lr=0.02",
-         "logger.mode=disabled"],
-        cwd=tmp_path,
-    )
+    return ["features=criteo", "data=parquet", f"data.train_path={root / 'train'}",
+            f"data.eval_path={root / 'eval'}", f"data.dense_columns=[{dense}]",
+            f"data.categorical_columns=[{categorical}]", "trainer.batch_size=128",
+            "trainer.eval_every=0", "optim.embedding_lr=0.02", "optim.dense_lr=0.02",
+            "logger.mode=disabled"]
+
+
+def test_parquet_with_string_ids_trains(tmp_path):
+    result = run_train([*write_parquet(tmp_path), "trainer.steps=56"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(tmp_path)
     assert summary["eval_auc"] > 0.65
     assert summary["evals"][-1]["num_samples"] == 384  # 3 full eval batches of 128
+
+
+def test_nan_dense_value_fails_or_is_skipped_and_counted(tmp_path):
+    overrides = write_parquet(tmp_path, nan_at=1005)  # row 5 of the second row group
+    failed = run_train([*overrides, "trainer.steps=20"], cwd=tmp_path)
+    assert failed.returncode == 2
+    assert "part-0.parquet row group 1, row 5: dense feature I3 is nan" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    skipped = run_train([*overrides, "trainer.steps=20", "data.on_bad_row=skip"], cwd=tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert summary_of(tmp_path)["skipped_rows"] == 1
 
 
 BAD_ROWS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modules.criteo import BadRowError
+from modules.tabular import BadRowError
 from modules.criteo_preprocess import preprocess
 from modules.data_sources import CriteoSource, DataSource, ParquetSource, PlantedSource
 from modules.features import FeatureGroupSpec
@@ -116,5 +116,6 @@ def build_data_source(
         source = ParquetSource(
             train_path, eval_path, groups, config.trainer.batch_size,
             data.label_column, list(data.dense_columns), list(data.categorical_columns),
+            skip_bad_rows=data.on_bad_row == "skip",
         )
     return source, None

@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
+from modules.id_mapping import IdOutOfRangeError
+from modules.tabular import BadRowError
 from train.build import build_sharded_job, feature_groups
 from train.data import build_data_source
 from train.config import Config
@@ -25,7 +27,12 @@ from train.optimizers import WarmupDecaySchedule
 from train.planning import PlanDoesNotFit, format_memory, plan_for_topology
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
-from train.summary import format_summary, max_over_ranks, peak_rss_bytes, write_summary
+from train.summary import (
+    format_summary,
+    peak_rss_bytes,
+    reduce_over_ranks,
+    write_summary,
+)
 
 
 
@@ -207,7 +214,9 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         raise Stopped(
             f"stopped by signal at step {stopped.args[0]}; resume with trainer.resume=auto"
         ) from None
-    except CheckpointError as error:
+    except (CheckpointError, BadRowError, IdOutOfRangeError) as error:
+        # Bad input met during training (a malformed row, an ID a `none` table cannot hold)
+        # or a checkpoint that cannot be written: one line, non-zero exit.
         metrics.finish(None, exit_code=1)
         raise ConfigError(str(error)) from None
     except BaseException:
@@ -226,11 +235,13 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "eval_log_loss": final_eval.log_loss,
         "evals": [vars(item) for item in result.evals],
         "state_digest": state_digest(job.model, job.optimizer, rank),
-        "peak_rss_bytes": max_over_ranks(peak_rss_bytes(), context.device),
+        "peak_rss_bytes": reduce_over_ranks(peak_rss_bytes(), context.device, "max"),
         "embedding_bytes": sum(per_rank),
         "embedding_bytes_per_rank": per_rank,
         "sharding": sharding,
-        "skipped_rows": source.skipped_rows,
+        "skipped_rows": source.skipped_rows
+        if source.skipped_rows_are_global
+        else reduce_over_ranks(source.skipped_rows, context.device),
         # Per feature: rows, bytes, expected and measured collisions (a collective).
         "hashing": dict(hashing_at_eval)
         or hashing_report(groups, config.optim.embedding, eval_batches()),

@@ -18,11 +18,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
+def reduce_over_ranks(value: int, device: torch.device, op: str = "sum") -> int:
+    """An integer summed (``sum``) or maximised (``max``) over ranks (a collective)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return int(tensor)
 
 
