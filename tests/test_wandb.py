@@ -186,16 +186,20 @@ def test_job_restarted_in_its_run_dir_continues_the_wandb_run(tmp_path):
     """A requeued Slurm job or a resumed torchrun job lands in the same run directory and
     must log to the same W&B run id."""
     run_ids = []
-    for _ in range(2):
+    for steps, resume in ((5, "none"), (8, "auto")):
         result = run_train(
-            [*BASE, "trainer.steps=5", "trainer.eval_every=0", "logger.mode=offline",
-             f"hydra.run.dir={tmp_path / 'run'}"],
+            [*BASE, f"trainer.steps={steps}", f"trainer.resume={resume}", "trainer.eval_every=0",
+             "logger.mode=offline", "logger.log_every=1", f"hydra.run.dir={tmp_path / 'run'}"],
             cwd=tmp_path, env=no_network_env(), timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         run_ids.append(json.loads((tmp_path / "run" / "summary.json").read_text())["wandb_dir"])
     files = find_run_files(tmp_path / "run")
     assert len(files) == 2 and len({read_run(path).run_id for path in files}) == 1
+    # The resumed session logs the steps after the checkpoint: one history across sessions.
+    steps = [[row["_step"] for row in read_run(path).history if "train/loss" in row]
+             for path in files]
+    assert steps == [[1, 2, 3, 4, 5], [6, 7, 8]]
     assert run_ids[0] != run_ids[1]  # two W&B folders (two sessions), one run id
     jsonl = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["kind"] == "summary" for line in jsonl) == 2  # appended
