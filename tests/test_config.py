@@ -31,6 +31,8 @@ def test_option_composes_and_builds(group, option, tmp_path):
                                                   "advertiser_id", "site_id"]}
         save_frequency_file(path, {"ids": ids, "counts": ids}, {})
         overrides.append(f"hashing.frequency_file={path}")
+    if (group, option) == ("data", "parquet"):  # the user's own logs: paths are required
+        overrides += ["data.train_path=/logs/train", "data.eval_path=/logs/eval"]
     config = compose_config(overrides)
     groups = feature_groups(config.features, config.hashing)
     model = build_click_model(config, groups, torch.device("meta"))
