@@ -80,7 +80,7 @@ def plot(points: list[dict], path: Path) -> None:
     axis.set_ylabel("eval AUC")
     axis.set_title("hashing trade-off on planted data (compression 4x .. 256x)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="center right", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
