@@ -6,8 +6,8 @@ streams. No table of IDs is stored, whatever the ID space (2^40 users is fine):
 
 * IDs: a popularity rank is drawn from a continuous Zipf-like law over [0, id_space) by
   inverse CDF, then (optionally) scrambled to a 63-bit raw ID by a bijective hash.
-* Each raw ID's hidden latent vector and bias come from hashes of the ID, so they are the
-  same wherever and whenever the ID appears.
+* Each raw ID's hidden latent vector and bias are a row of a fixed Gaussian table picked by a
+  hash of the ID, so they are the same wherever and whenever the ID appears.
 * The planted logit is factorisation-machine shaped: a bias, per-feature ID biases, all
   pairwise dot products of the features' latent vectors, and a linear term of the dense
   features. Labels are Bernoulli(sigmoid(logit)).
@@ -26,9 +26,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from modules.batch import Batch
 from modules.features import FeatureGroupSpec, FeatureSpec, all_features
-from modules.hash_functions import hash64, non_negative, seed_salt, uniform_from_hash
+from modules.hash_functions import hash64, non_negative, seed_salt, splitmix64, uniform_from_hash
 
 SPLITS = ("train", "eval")
+LATENT_SLOTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,74 @@ class PlantedClickData:
         self._dense_weights = torch.randn(num_dense_features, generator=generator) / math.sqrt(
             num_dense_features
         )
+        # Each ID's hidden latent vector and bias: row hash(id) of a fixed Gaussian table.
+        # One hash and a gather per ID instead of a hash and a Box-Muller transform per value
+        # keeps generation far off the training's critical path; distinct IDs share a row only
+        # when their hashes collide in 2^20 slots, which the Bayes AUC accounts for anyway.
+        table_generator = torch.Generator().manual_seed(non_negative_seed(seed, "latent-table"))
+        self._latent_slots = LATENT_SLOTS
+        self._latent_table = torch.randn(
+            LATENT_SLOTS, self.signal.latent_dim + 1, generator=table_generator
+        )
         num_features = len(self.features)
         self._pair_norm = 1.0 / math.sqrt(max(1, num_features * (num_features - 1) // 2))
         self._bias_norm = 1.0 / math.sqrt(num_features)
+        self._build_layout()
+
+    def _build_layout(self) -> None:
+        """Per-ID constants of a batch, laid out like the batch's values: all features one
+        after the other (group order, feature order), each B x ids_per_sample long. A batch
+        is then a handful of vectorised ops, whatever the number of features."""
+        B = self.batch_size
+        counts = [B * f.ids_per_sample for f in self.features]
+
+        def per_id(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts))
+
+        exponents = [f.zipf_exponent for f in self.features]
+        self._id_space = per_id([f.id_space for f in self.features], torch.int64)
+        self._log_law = per_id([abs(e - 1.0) < 1e-9 for e in exponents], torch.bool)
+        one_minus_s = [1.0 if abs(e - 1.0) < 1e-9 else 1.0 - e for e in exponents]
+        self._inverse_power = per_id([1.0 / v for v in one_minus_s], torch.float64)
+        self._log_top = per_id([math.log(f.id_space + 1.0) for f in self.features], torch.float64)
+        self._top_minus_1 = per_id(
+            [(f.id_space + 1.0) ** v - 1.0 for f, v in zip(self.features, one_minus_s)],
+            torch.float64,
+        )
+        self._salt = per_id(
+            [seed_salt(self.seed, "feature", f.name) for f in self.features], torch.int64
+        )
+        self._scramble = per_id([f.scramble_ids for f in self.features], torch.bool)
+        # Pooling: ID i belongs to segment (feature, sample); each segment averages its IDs.
+        self._segment = torch.cat(
+            [
+                index * B + torch.arange(B).repeat_interleave(f.ids_per_sample)
+                for index, f in enumerate(self.features)
+            ]
+        )
+        self._one_hot = all(f.ids_per_sample == 1 for f in self.features)
+        self._ids_per_segment = torch.tensor(
+            [float(f.ids_per_sample) for f in self.features]
+        ).repeat_interleave(B).unsqueeze(1)
+        self._feature_weight = torch.tensor([f.signal_weight for f in self.features]).view(-1, 1, 1)
+        # The KJT of a group is a contiguous slice of the values; its lengths never change.
+        self._group_slices: list[tuple[FeatureGroupSpec, int, int, torch.Tensor]] = []
+        start = 0
+        for group in self.groups:
+            size = sum(B * f.ids_per_sample for f in group.features)
+            lengths = torch.cat(
+                [torch.full((B,), f.ids_per_sample, dtype=torch.int32) for f in group.features]
+            )
+            self._group_slices.append((group, start, start + size, lengths))
+            start += size
+
+    def _raw_ids(self, uniforms: torch.Tensor) -> torch.Tensor:
+        """Zipf-like popularity ranks (inverse CDF, per-ID law), then optional scrambling."""
+        power_law = (self._top_minus_1 * uniforms + 1.0) ** self._inverse_power
+        x = torch.where(self._log_law, torch.exp(uniforms * self._log_top), power_law)
+        ranks = torch.minimum((x.floor().to(torch.int64) - 1).clamp_(min=0), self._id_space - 1)
+        scrambled = non_negative(splitmix64(ranks ^ self._salt))
+        return torch.where(self._scramble, scrambled, ranks)
 
     def batch(self, split: str, rank: int, step: int) -> tuple[Batch, torch.Tensor]:
         """The batch of ``(split, rank, step)`` and its true click probabilities [B]."""
@@ -125,28 +191,20 @@ class PlantedClickData:
             non_negative_seed(self.seed, split, rank, step)
         )
         num_samples = self.batch_size
+        num_features = len(self.features)
         latent_dim = self.signal.latent_dim
-        latent_sum = torch.zeros(num_samples, latent_dim)
-        latent_square_norms = torch.zeros(num_samples)
-        id_bias = torch.zeros(num_samples)
-        raw_ids_by_feature: dict[str, torch.Tensor] = {}
-        for feature in self.features:
-            count = num_samples * feature.ids_per_sample
-            uniforms = torch.rand(count, generator=generator, dtype=torch.float64)
-            ranks = zipf_ranks(uniforms, feature.id_space, feature.zipf_exponent)
-            feature_salt = seed_salt(self.seed, "feature", feature.name)
-            raw_ids = non_negative(hash64(ranks, feature_salt)) if feature.scramble_ids else ranks
-            raw_ids_by_feature[feature.name] = raw_ids
-            if feature.signal_weight == 0.0:
-                continue
-            values = gaussian_from_hash(raw_ids, feature_salt, latent_dim + 1)
-            values = values.view(num_samples, feature.ids_per_sample, latent_dim + 1).mean(1)
-            latent = values[:, :latent_dim] * (feature.signal_weight / math.sqrt(latent_dim))
-            latent_sum += latent
-            latent_square_norms += latent.square().sum(1)
-            id_bias += values[:, latent_dim] * feature.signal_weight
+        uniforms = torch.rand(self._salt.numel(), generator=generator, dtype=torch.float64)
+        raw_ids = self._raw_ids(uniforms)
+        slots = non_negative(splitmix64(raw_ids ^ self._salt)) & (self._latent_slots - 1)
+        values = torch.index_select(self._latent_table, 0, slots)  # [T, d + 1]; faster than [ ]
+        if not self._one_hot:  # average each sample's bag
+            pooled = torch.zeros(num_features * num_samples, latent_dim + 1)
+            values = pooled.index_add_(0, self._segment, values) / self._ids_per_segment
+        values = values.view(num_features, num_samples, latent_dim + 1) * self._feature_weight
+        latent = values[..., :latent_dim] * (1.0 / math.sqrt(latent_dim))  # [F, B, d]
         # Sum over feature pairs f < g of <z_f, z_g>, without the F^2 loop.
-        pair_term = 0.5 * (latent_sum.square().sum(1) - latent_square_norms)
+        pair_term = 0.5 * (latent.sum(0).square().sum(1) - latent.square().sum((0, 2)))
+        id_bias = values[..., latent_dim].sum(0)
         dense = torch.randn(num_samples, self.num_dense_features, generator=generator)
         logit = (
             self.signal.bias
@@ -159,25 +217,14 @@ class PlantedClickData:
         batch = Batch(
             dense_features=dense,
             sparse_features={
-                group.name: self._group_kjt(group, raw_ids_by_feature, num_samples)
-                for group in self.groups
+                group.name: KeyedJaggedTensor(
+                    keys=group.feature_names, values=raw_ids[start:stop], lengths=lengths
+                )
+                for group, start, stop, lengths in self._group_slices
             },
             labels=labels,
         )
         return batch, click_probability
-
-    @staticmethod
-    def _group_kjt(
-        group: FeatureGroupSpec, raw_ids: dict[str, torch.Tensor], num_samples: int
-    ) -> KeyedJaggedTensor:
-        values = torch.cat([raw_ids[feature.name] for feature in group.features])
-        lengths = torch.cat(
-            [
-                torch.full((num_samples,), feature.ids_per_sample, dtype=torch.int32)
-                for feature in group.features
-            ]
-        )
-        return KeyedJaggedTensor(keys=group.feature_names, values=values, lengths=lengths)
 
 
 def non_negative_seed(*parts: int | str) -> int:

@@ -88,6 +88,7 @@ def feature_groups(
                     ids_per_sample=generated.ids_per_sample,
                     zipf_exponent=generated.zipf_exponent,
                     signal_weight=generated.signal_weight,
+                    scramble_ids=generated.scramble_ids,
                 )
             )
         groups.extend(

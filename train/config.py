@@ -80,6 +80,8 @@ class GeneratedTablesConfig:
     ids_per_sample: int = 1
     zipf_exponent: float = 1.05
     signal_weight: float = 0.2
+    # Scrambled 63-bit raw IDs (True) or 0..id_space-1 (False), as for listed features.
+    scramble_ids: bool = True
 
 
 @dataclass
