@@ -7,6 +7,7 @@ override, else the group's value.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -119,17 +120,19 @@ def hashing_report(
     groups: list[FeatureGroupSpec],
     embedding_optimizer: str,
     eval_batches: Iterable[Batch],
+    max_batches: int = 64,
 ) -> dict[str, dict[str, Any]]:
     """Per feature: method, tables and rows, bytes (parameters + optimizer state) hashed and
     for a full table over the declared ID space, the expected collision rate for the declared
-    cardinality and the one measured on the eval window (all ranks' eval batches).
+    cardinality and the one measured on the eval window (all ranks' eval batches, at most
+    ``max_batches`` per rank, so a large real eval set is not read a second time in full).
 
     A collective when distributed: every rank must call it with its own eval batches.
     """
     state_values = OPTIMIZER_STATE_VALUES_PER_ROW[embedding_optimizer]
     # Distinct raw IDs per feature over this rank's eval window.
     seen: dict[str, list[torch.Tensor]] = {}
-    for batch in eval_batches:
+    for batch in itertools.islice(eval_batches, max_batches):
         for kjt in batch.sparse_features.values():
             for name, jagged in kjt.to_dict().items():
                 seen.setdefault(name, []).append(torch.unique(jagged.values().cpu()))
