@@ -71,6 +71,12 @@ def test_every_method_maps_into_its_tables_and_keys_follow_table_order():
     f_rows = rows["f"].values()
     assert f_rows[ids == 42].item() == 0 and f_rows[ids == 7].item() == 2
     assert (f_rows[(ids != 42) & (ids != 7)] >= 3).all() and f_rows.max() < 100
+    # The frequent IDs are part of the model: saved (and loaded) with its state dict.
+    state = mapper.state_dict()
+    assert sorted(state["frequent_ids_8"].tolist()) == sorted(frequent.tolist())
+    restored = HashingIdMapper(features[:4] + [feature("f", "frequency", frequent_ids=torch.tensor([1, 2, 3]))] + features[5:])
+    restored.load_state_dict(state)
+    assert torch.equal(restored(kjt(raw, 6)).to_dict()["f"].values(), f_rows)
     # The same mapping through feature_rows (used by the collision report).
     assert torch.equal(mapper.feature_rows("m", ids)[:, 3], rows["m#w"].values())
     assert torch.equal(mapper.feature_rows("n", torch.tensor([3])), torch.tensor([[3]]))
