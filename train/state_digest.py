@@ -17,7 +17,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from modules.hash_functions import hash64, logical_shift_right, seed_salt
 from train.tables import tensor_blocks
 
-_CHUNK = 1 << 22
+_CHUNK = 1 << 18  # values per chunk: the hash passes stay in cache
 _LOW32 = (1 << 32) - 1
 
 
