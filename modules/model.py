@@ -119,8 +119,13 @@ class ClickModel(nn.Module):
         dcn_num_layers: int = 3,
         dcn_low_rank_dim: int = 512,
         device: torch.device | None = None,
+        dense_autocast: tuple[str, torch.dtype] | None = None,
     ) -> None:
         super().__init__()
+        # (device type, dtype) to autocast the dense side to (bottom MLP, interaction, top
+        # MLP), e.g. ("cpu", torch.bfloat16); None keeps float32. Embedding lookups, their
+        # fused optimizer and the loss stay float32 either way.
+        self.dense_autocast = dense_autocast
         if interaction not in INTERACTIONS:
             raise ValueError(f"interaction must be one of {INTERACTIONS}, got {interaction!r}")
         if not over_layer_sizes or over_layer_sizes[-1] != 1:
@@ -166,12 +171,15 @@ class ClickModel(nn.Module):
         self.over_arch = OverArch(self.interaction.output_dim, over_layer_sizes, device=device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Returns logits [B]."""
-        dense = self.dense_arch(batch.dense_features)
+        """Returns float32 logits [B]."""
         sparse: list[torch.Tensor] = []
         for group_name in self.group_names:
             sparse.extend(self.embedding_groups[group_name](batch.sparse_features[group_name]))
-        return self.over_arch(self.interaction(dense, sparse)).squeeze(-1)
+        device_type, dtype = self.dense_autocast or ("cpu", torch.float32)
+        with torch.autocast(device_type, dtype=dtype, enabled=self.dense_autocast is not None):
+            dense = self.dense_arch(batch.dense_features)
+            logits = self.over_arch(self.interaction(dense, sparse))
+        return logits.float().squeeze(-1)
 
 
 class ClickModelTrain(nn.Module):

@@ -37,6 +37,9 @@ TINY = [
     "trainer.batch_size=16",
     "data.eval_batches=2",
     "logger.mode=disabled",
+    # Exact comparisons (sharded vs single process, resume vs straight) in float32; the
+    # bf16 dense path has tests of its own.
+    "trainer.precision=fp32",
 ]
 
 

@@ -126,8 +126,24 @@ def build_click_model(
         interaction=config.model.interaction,
         dcn_num_layers=config.model.dcn_num_layers,
         dcn_low_rank_dim=config.model.dcn_low_rank_dim,
+        dense_autocast=dense_autocast(config.trainer.precision),
     )
     return ClickModelTrain(model)
+
+
+def dense_autocast(precision: str) -> tuple[str, torch.dtype] | None:
+    """trainer.precision -> what ClickModel autocasts its dense side to (None = float32)."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device_type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:  # private but stable helpers; the public get_capabilities() lacks these flags
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        if not native:
+            return None
+    return device_type, torch.bfloat16
 
 
 @torch.no_grad()

@@ -223,6 +223,8 @@ class DataConfig:
     source: str = "synthetic"
     # synthetic: held-out batches per rank evaluated at each evaluation.
     eval_batches: int = 8
+    # Training batches made ahead on a background thread (0 = make each when it is needed).
+    prefetch_batches: int = 2
     planted: PlantedSignalConfig = field(default_factory=PlantedSignalConfig)
     # criteo / parquet: training and held-out data (files or directories).
     train_path: Optional[str] = None
@@ -239,6 +241,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, DATA_SOURCES)
         _check_positive("data.eval_batches", self.eval_batches)
+        if self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         _check_choice("data.on_bad_row", self.on_bad_row, ("fail", "skip"))
         if self.source != "synthetic" and not (self.train_path and self.eval_path):
             raise ValueError(f"data.source={self.source} needs data.train_path and data.eval_path")
@@ -331,12 +335,17 @@ class TrainerConfig:
     # Evaluate every this many steps (and at the end); 0 = only at the end.
     eval_every: int = 500
     seed: int = 0
+    # Dense-side arithmetic: fp32, bf16 (autocast; embeddings, optimizer state and loss stay
+    # fp32), or auto = bf16 where the hardware multiplies bf16 natively (CUDA sm80+, CPUs
+    # with AVX512-BF16 or AMX), else fp32.
+    precision: str = "auto"
     # none | auto (the latest intact checkpoint of the run directory, if any) | a checkpoint path.
     resume: str = "none"
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
         _check_positive("trainer.batch_size", self.batch_size)
+        _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
         if not self.resume:

@@ -12,9 +12,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
+from modules.prefetch import prefetched
 from modules.id_mapping import IdOutOfRangeError
 from modules.tabular import BadRowError
-from train.build import build_sharded_job, feature_groups
+from train.build import build_sharded_job, dense_autocast, feature_groups
 from train.data import build_data_source
 from train.config import Config
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -162,7 +163,9 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         say(f"planted data: Bayes-optimal eval AUC {eval_bayes_auc:.4f}")
 
     def train_batches(start: int, stop: int) -> Iterator[Batch]:
-        return source.train_batches(rank, world_size, start, stop)
+        return prefetched(
+            source.train_batches(rank, world_size, start, stop), config.data.prefetch_batches
+        )
 
     def eval_batches() -> Iterator[Batch]:
         return source.eval_batches(rank, world_size)
@@ -225,6 +228,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     final_eval = result.evals[-1]
     summary = {
         "world_size": context.world_size,
+        "precision": "bf16" if dense_autocast(config.trainer.precision) else "fp32",
         "steps": result.steps,
         "samples": result.samples,
         "samples_per_sec": result.samples_per_sec,
