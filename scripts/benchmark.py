@@ -25,11 +25,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "reference_shape": ["experiment=reference_shape"],
-    "default": [],
-    "billion_users_multi_hash": ["experiment=billion_users", "hashing=multi_hash"],
-    "many_tables": ["features=many_tables"],
+# name -> (Hydra overrides, ranks; None = --nproc). The 1-process variants keep the global
+# batch of 2 ranks x 2048 and give the one rank every core.
+CONFIGS: dict[str, tuple[list[str], int | None]] = {
+    "reference_shape": (["experiment=reference_shape"], None),
+    "reference_shape_1proc": (["experiment=reference_shape", "trainer.batch_size=4096"], 1),
+    "default": ([], None),
+    "billion_users_multi_hash": (["experiment=billion_users", "hashing=multi_hash"], None),
+    "many_tables": (["features=many_tables"], None),
 }
 
 
@@ -48,7 +51,9 @@ def last_window(metrics_path: Path) -> dict:
 
 def run_config(name: str, nproc: int, steps: int, extra: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    overrides = [*CONFIGS[name], f"trainer.steps={steps}", "trainer.eval_every=0",
+    config_overrides, config_nproc = CONFIGS[name]
+    nproc = config_nproc or nproc
+    overrides = [*config_overrides, f"trainer.steps={steps}", "trainer.eval_every=0",
                  "checkpoint.at_end=false", f"hydra.run.dir={run_dir}", *extra]
     command = [*torchrun(nproc), "-m", "train", *overrides]
     threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -95,17 +100,31 @@ def run_baseline(nproc: int, steps: int) -> dict:
                        f"scripts/torchrec_baseline.py --steps={steps}"}
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The run with the median samples/s, annotated with the min and max of all rounds."""
+    ordered = sorted(runs, key=lambda r: r["samples_per_sec"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["samples_per_sec_all"] = [r["samples_per_sec"] for r in runs]
+    return chosen
+
+
 def gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def rate(result: dict) -> str:
+    runs = result.get("samples_per_sec_all", [result["samples_per_sec"]])
+    text = f"{result['samples_per_sec']:,.0f}"
+    return text if len(runs) == 1 else f"{text} ({min(runs):,.0f}-{max(runs):,.0f})"
+
+
 def markdown_row(result: dict) -> str:
     if result["config"] == "torchrec_baseline":
-        return (f"| torchrec_baseline | {result['world_size']} | {result['samples_per_sec']:,.0f} "
+        return (f"| torchrec_baseline | {result['world_size']} | {rate(result)} "
                 f"| - | - | - | `{result['command']}` |")
     peaks = ", ".join(gib(v) for v in result["peak_rss_bytes_per_rank"])
     return (
-        f"| {result['config']} | {result['world_size']} | {result['samples_per_sec']:,.0f} "
+        f"| {result['config']} | {result['world_size']} | {rate(result)} "
         f"| {result['step_ms']:.1f} ({result['data_wait_ms']:.1f} data / {result['compute_ms']:.1f} compute) "
         f"| {peaks} | {gib(result['embedding_bytes'])} (RSS/planned {result['rss_over_planned']:.2f}) "
         f"| `{result['command']}` |"
@@ -120,14 +139,22 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also run TorchRec's minimal loop")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "benchmark.json")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds; each round runs every job once (interleaved), medians reported")
     args = parser.parse_args()
-    results = []
-    if args.baseline:
-        results.append(run_baseline(args.nproc, args.steps))
-        print(markdown_row(results[-1]), flush=True)
-    for name in args.configs:
-        results.append(run_config(name, args.nproc, args.steps, args.override))
-        print(markdown_row(results[-1]), flush=True)
+    rounds: list[list[dict]] = []
+    for round_index in range(args.repeats):
+        results = []
+        if args.baseline:
+            results.append(run_baseline(args.nproc, args.steps))
+        for name in args.configs:
+            results.append(run_config(name, args.nproc, args.steps, args.override))
+        rounds.append(results)
+        print(f"round {round_index + 1}: " + ", ".join(
+            f"{r['config']} {r['samples_per_sec']:,.0f}" for r in results), flush=True)
+    results = [median_of([round_[i] for round_ in rounds]) for i in range(len(rounds[0]))]
+    for result in results:
+        print(markdown_row(result), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
