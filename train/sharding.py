@@ -231,7 +231,9 @@ def format_plan(placed: list[PlacedTable], world_size: int, max_rows: int = 40) 
     if len(placed) > max_rows:
         lines.append(f"... and {len(placed) - max_rows} more tables")
     totals = embedding_bytes_per_rank(placed, world_size)
-    lines.append(
-        "total per rank: " + " ".join(f"{rank}:{format_bytes(b)}" for rank, b in enumerate(totals))
-    )
+    if world_size <= 8:
+        per_rank = " ".join(f"{rank}:{format_bytes(b)}" for rank, b in enumerate(totals))
+    else:
+        per_rank = f"{format_bytes(min(totals))} to {format_bytes(max(totals))} over {world_size} ranks"
+    lines.append("total per rank: " + per_rank)
     return "\n".join(lines)
