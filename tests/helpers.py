@@ -112,3 +112,80 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def train_sharded(config: Config, groups: list, rank: int, world_size: int, steps: int):
+    """Build the sharded job on this rank and train ``steps`` planted batches through
+    TorchRec's pipeline; returns (job, pipeline, global mean loss per step). A collective."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from train.build import build_sharded_job
+    from train.data import planted_data
+    from train.distributed import DistributedContext
+
+    context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
+    job = build_sharded_job(config, groups, context)
+    data = planted_data(config, groups)
+    pipeline = TrainPipelineSparseDist(
+        job.model, job.optimizer, torch.device("cpu"), pipeline_postproc=True
+    )
+    batches = iter([data.batch("train", rank, step)[0] for step in range(steps)])
+    losses = []
+    for _ in range(steps):
+        loss, _, _ = pipeline.progress(batches)
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        losses.append(float(global_loss) / world_size)
+    return job, pipeline, losses
+
+
+def train_unsharded(config: Config, groups: list, world_size: int, steps: int) -> dict:
+    """The single-process reference: the unsharded model fed the global batch (every rank's
+    batch of a step, concatenated) with plain SGD at the config's embedding and dense lrs.
+    Returns {"losses", "tables"} (the sharded run must match both)."""
+    from train.build import build_click_model, init_tables
+    from train.data import planted_data
+    from train.tables import local_table_blocks
+
+    model = build_click_model(config, groups, torch.device("cpu"))
+    init_tables(model, groups, config.trainer.seed)
+    embedding_params = [
+        p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()
+    ]
+    embedding_ids = {id(p) for p in embedding_params}
+    dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": embedding_params, "lr": config.optim.embedding_lr},
+            {"params": dense_params, "lr": config.optim.dense_lr},
+        ]
+    )
+    data = planted_data(config, groups)
+    losses = []
+    for step in range(steps):
+        batch = concat_batches([data.batch("train", rank, step)[0] for rank in range(world_size)])
+        optimizer.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    tables = {b.table_name: b.tensor.detach().clone() for b in local_table_blocks(model)}
+    return {"losses": losses, "tables": tables}
+
+
+def full_tables(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], rank: int) -> dict:
+    """Every table assembled from all ranks' blocks (a collective)."""
+    from train.tables import local_table_blocks
+
+    tables = {name: torch.zeros(rows, dim) for name, (rows, dim) in sizes.items()}
+    for block in local_table_blocks(model):
+        if block.replicated and rank != 0:
+            continue
+        rows, cols = block.tensor.shape
+        tables[block.table_name][
+            block.row_offset : block.row_offset + rows,
+            block.column_offset : block.column_offset + cols,
+        ] += block.tensor.detach()
+    for tensor in tables.values():
+        dist.all_reduce(tensor)
+    return tables

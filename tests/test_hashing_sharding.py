@@ -10,17 +10,12 @@ id mapper runs as a pipelined postproc.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from modules.embeddings import group_tables
-from tests.helpers import TINY, compose_config, concat_batches, run_ranks
-from tests.test_sharding_equivalence import full_tables
-from train.build import build_click_model, build_sharded_job, feature_groups, init_tables
+from tests.helpers import TINY, compose_config, full_tables, run_ranks, train_sharded, train_unsharded
+from train.build import feature_groups
 from train.data import planted_data
-from train.distributed import DistributedContext
 from train.frequency_counts import count_frequent_ids, save_frequency_file
-from train.tables import local_table_blocks
 
 SHARDINGS = ["row_wise", "table_wise"]
 STEPS = 4
@@ -66,19 +61,7 @@ def sharded_worker(rank: int, world_size: int, frequency_file: str, out_path: st
         for sharding in SHARDINGS:
             config = compose_config([*overrides(model, frequency_file), f"sharding={sharding}"])
             groups = feature_groups(config.features, config.hashing)
-            context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
-            job = build_sharded_job(config, groups, context)
-            data = planted_data(config, groups)
-            pipeline = TrainPipelineSparseDist(
-                job.model, job.optimizer, torch.device("cpu"), pipeline_postproc=True
-            )
-            batches = iter([data.batch("train", rank, step)[0] for step in range(STEPS)])
-            losses = []
-            for _ in range(STEPS):
-                loss, _, _ = pipeline.progress(batches)
-                global_loss = loss.detach().clone()
-                dist.all_reduce(global_loss)
-                losses.append(float(global_loss) / world_size)
+            job, pipeline, losses = train_sharded(config, groups, rank, world_size, STEPS)
             results[(model, sharding)] = {
                 "losses": losses,
                 "tables": full_tables(job.model, table_sizes(groups), rank),
@@ -95,35 +78,9 @@ def sharded_worker(rank: int, world_size: int, frequency_file: str, out_path: st
 def unsharded_reference(model: str, frequency_file: str, world_size: int) -> dict:
     config = compose_config([*overrides(model, frequency_file), "sharding=table_wise"])
     groups = feature_groups(config.features, config.hashing)
-    train_model = build_click_model(config, groups, torch.device("cpu"))
-    init_tables(train_model, groups, config.trainer.seed)
-    embedding_params = [
-        p for g in train_model.model.embedding_groups.values()
-        for p in g.embedding_collection.parameters()
-    ]
-    embedding_ids = {id(p) for p in embedding_params}
-    dense_params = [p for p in train_model.parameters() if id(p) not in embedding_ids]
-    optimizer = torch.optim.SGD(
-        [
-            {"params": embedding_params, "lr": config.optim.embedding_lr},
-            {"params": dense_params, "lr": config.optim.dense_lr},
-        ]
-    )
-    data = planted_data(config, groups)
-    losses = []
-    for step in range(STEPS):
-        batch = concat_batches([data.batch("train", rank, step)[0] for rank in range(world_size)])
-        optimizer.zero_grad()
-        loss, _ = train_model(batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    tables = {
-        block.table_name: block.tensor.detach().clone()
-        for block in local_table_blocks(train_model)
-    }
+    reference = train_unsharded(config, groups, world_size, STEPS)
     methods = {f.hashing.method for g in groups for f in g.features}
-    return {"losses": losses, "tables": tables, "methods": methods}
+    return {**reference, "methods": methods}
 
 
 def test_every_hashing_method_sharded_matches_single_process(tmp_path):

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from modules.synthetic import PlantedClickData
-from tests.helpers import TINY, compose_config, concat_batches, run_ranks
-from train.build import build_click_model, build_sharded_job, feature_groups, init_tables
-from train.distributed import DistributedContext
-from train.data import planted_data
-from train.tables import local_table_blocks
+from tests.helpers import TINY, compose_config, full_tables, run_ranks, train_sharded, train_unsharded
+from train.build import feature_groups
 
 SHARDINGS = [
     "data_parallel",
@@ -27,40 +21,12 @@ STEPS = 4
 OVERRIDES = [*TINY, "optim=sgd", "sharding.mixed_row_threshold=40"]
 
 
-def full_tables(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], rank: int) -> dict:
-    """Every table assembled from all ranks' blocks (a collective)."""
-    tables = {name: torch.zeros(rows, dim) for name, (rows, dim) in sizes.items()}
-    for block in local_table_blocks(model):
-        if block.replicated and rank != 0:
-            continue
-        rows, cols = block.tensor.shape
-        tables[block.table_name][
-            block.row_offset : block.row_offset + rows,
-            block.column_offset : block.column_offset + cols,
-        ] += block.tensor.detach()
-    for tensor in tables.values():
-        dist.all_reduce(tensor)
-    return tables
-
-
 def sharded_worker(rank: int, world_size: int, out_path: str) -> None:
     results = {}
     for sharding in SHARDINGS:
         config = compose_config([*OVERRIDES, f"sharding={sharding}"])
         groups = feature_groups(config.features)
-        context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
-        job = build_sharded_job(config, groups, context)
-        data = planted_data(config, groups)
-        pipeline = TrainPipelineSparseDist(
-            job.model, job.optimizer, torch.device("cpu"), pipeline_postproc=True
-        )
-        batches = iter([data.batch("train", rank, step)[0] for step in range(STEPS)])
-        losses = []
-        for _ in range(STEPS):
-            loss, _, _ = pipeline.progress(batches)
-            global_loss = loss.detach().clone()
-            dist.all_reduce(global_loss)
-            losses.append(float(global_loss) / world_size)
+        job, _, losses = train_sharded(config, groups, rank, world_size, STEPS)
         sizes = {f.name: (f.num_embeddings, g.embedding_dim) for g in groups for f in g.features}
         results[sharding] = {
             "losses": losses,
@@ -73,33 +39,7 @@ def sharded_worker(rank: int, world_size: int, out_path: str) -> None:
 
 def unsharded_reference(world_size: int) -> dict:
     config = compose_config([*OVERRIDES, "sharding=table_wise"])
-    groups = feature_groups(config.features)
-    model = build_click_model(config, groups, torch.device("cpu"))
-    init_tables(model, groups, config.trainer.seed)
-    embedding_params = [
-        p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()
-    ]
-    embedding_ids = {id(p) for p in embedding_params}
-    dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
-    optimizer = torch.optim.SGD(
-        [
-            {"params": embedding_params, "lr": config.optim.embedding_lr},
-            {"params": dense_params, "lr": config.optim.dense_lr},
-        ]
-    )
-    data: PlantedClickData = planted_data(config, groups)
-    losses = []
-    for step in range(STEPS):
-        batch = concat_batches([data.batch("train", rank, step)[0] for rank in range(world_size)])
-        optimizer.zero_grad()
-        loss, _ = model(batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    tables = {
-        block.table_name: block.tensor.detach().clone() for block in local_table_blocks(model)
-    }
-    return {"losses": losses, "tables": tables}
+    return train_unsharded(config, feature_groups(config.features), world_size, STEPS)
 
 
 def test_every_sharding_matches_single_process(tmp_path):

@@ -181,13 +181,7 @@ def plan_for(
     context: DistributedContext,
 ) -> tuple[ShardingPlan, list[PlacedTable], list[TableInfo]]:
     tables = table_infos(groups)
-    chosen = sharding_type_per_table(
-        tables,
-        config.sharding.preset,
-        dict(config.sharding.tables),
-        config.sharding.mixed_row_threshold,
-    )
-    check_column_wise_splits(tables, chosen)
+    chosen = chosen_sharding(config, tables)
     planner = build_planner(
         tables,
         chosen,
@@ -203,16 +197,37 @@ def plan_for(
     return plan, placed, tables
 
 
-def build_sharded_job(
-    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
-) -> ShardedJob:
-    unsharded = build_click_model(config, groups, torch.device("meta"))
+def meta_model_with_fused_optimizer(
+    config: Config, groups: list[FeatureGroupSpec]
+) -> ClickModelTrain:
+    """The model with its tables on ``meta`` and the fused embedding optimizer attached: what
+    the planner sizes (optimizer state included) and DistributedModelParallel shards."""
+    model = build_click_model(config, groups, torch.device("meta"))
     optimizer_class, optimizer_kwargs = embedding_optimizer(config.optim)
     apply_optimizer_in_backward(
         optimizer_class,
-        [p for g in unsharded.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
+        [p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
         optimizer_kwargs,
     )
+    return model
+
+
+def chosen_sharding(config: Config, tables: list[TableInfo]) -> dict[str, str | None]:
+    """Each table's forced sharding type (None = the planner's choice), checked."""
+    chosen = sharding_type_per_table(
+        tables,
+        config.sharding.preset,
+        dict(config.sharding.tables),
+        config.sharding.mixed_row_threshold,
+    )
+    check_column_wise_splits(tables, chosen)
+    return chosen
+
+
+def build_sharded_job(
+    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
+) -> ShardedJob:
+    unsharded = meta_model_with_fused_optimizer(config, groups)
     plan, placed, tables = plan_for(config, groups, unsharded, context)
     model = DistributedModelParallel(
         module=unsharded,

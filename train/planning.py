@@ -11,22 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
-from train.build import build_click_model
+from train.build import chosen_sharding, meta_model_with_fused_optimizer
 from train.config import Config
-from train.optimizers import embedding_optimizer
 from train.sharding import (
     CpuRowWiseSharder,
     PlacedTable,
     build_planner,
-    check_column_wise_splits,
     format_bytes,
     placed_tables,
-    sharding_type_per_table,
     table_infos,
 )
 
@@ -61,18 +56,9 @@ def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
 def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetPlan:
     """Plan on this machine for ``config.plan_topology`` (no process group needed)."""
     target = config.plan_topology
-    model = build_click_model(config, groups, torch.device("meta"))
-    optimizer_class, optimizer_kwargs = embedding_optimizer(config.optim)
-    apply_optimizer_in_backward(
-        optimizer_class,
-        [p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
-        optimizer_kwargs,
-    )
+    model = meta_model_with_fused_optimizer(config, groups)
     tables = table_infos(groups)
-    chosen = sharding_type_per_table(
-        tables, config.sharding.preset, dict(config.sharding.tables), config.sharding.mixed_row_threshold
-    )
-    check_column_wise_splits(tables, chosen)
+    chosen = chosen_sharding(config, tables)
     planner = build_planner(
         tables,
         chosen,

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
