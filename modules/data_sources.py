@@ -113,21 +113,21 @@ class CriteoSource:
             yield self._batch(self.eval.rows(start, min(start + self.batch_size, first + per_rank)))
 
 
-def string_ids(values: np.ndarray) -> np.ndarray:
-    """Strings -> int64 raw IDs: the first 8 bytes of blake2b of the UTF-8 text, as a
-    non-negative int64; the same on every machine and run. Hashes each distinct value once.
-    None becomes MISSING_ID."""
-    uniques, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+def string_ids(column) -> np.ndarray:
+    """A pyarrow string column -> int64 raw IDs: the first 8 bytes of blake2b of the UTF-8
+    text, as a non-negative int64, the same on every machine and run. Arrow's dictionary
+    encoding finds the distinct values (in C++), so each is hashed once; nulls become
+    MISSING_ID."""
+    encoded = column.dictionary_encode().combine_chunks()
     hashed = np.array(
         [
             int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-            for text in uniques
+            for text in encoded.dictionary.to_pylist()
         ],
         dtype=np.int64,
     )
-    out = hashed[inverse]
-    out[np.asarray([v is None for v in values])] = MISSING_ID
-    return out
+    indices = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return np.where(indices >= 0, hashed[np.maximum(indices, 0)] if hashed.size else 0, MISSING_ID)
 
 
 class ParquetSource:
@@ -196,7 +196,7 @@ class ParquetSource:
             column = table.column(name)
             if name in self.categorical_columns:
                 if column.type == "string" or str(column.type) in ("string", "large_string"):
-                    columns[name] = string_ids(column.to_numpy(zero_copy_only=False))
+                    columns[name] = string_ids(column)
                 else:
                     columns[name] = column.fill_null(MISSING_ID).to_numpy().astype(np.int64)
             else:
