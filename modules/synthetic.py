@@ -26,7 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from modules.batch import Batch
 from modules.features import FeatureGroupSpec, FeatureSpec, all_features
-from modules.hash_functions import hash64, non_negative, seed_salt, splitmix64, uniform_from_hash
+from modules.hash_functions import non_negative, seed_salt, splitmix64
 
 SPLITS = ("train", "eval")
 LATENT_SLOTS = 1 << 20
@@ -47,40 +47,36 @@ class PlantedSignal:
             raise ValueError(f"planted latent_dim must be > 0, got {self.latent_dim}")
 
 
+class ZipfLaw:
+    """Inverse CDF of the continuous density x^-s on [1, N + 1), giving popularity ranks in
+    [0, N). N and s may be per-element tensors (one law per ID slot of a batch) or scalars;
+    the constants are computed once, so drawing is a few elementwise ops."""
+
+    def __init__(self, id_space: torch.Tensor | int, exponent: torch.Tensor | float) -> None:
+        self.id_space = torch.as_tensor(id_space, dtype=torch.int64)
+        exponent = torch.as_tensor(exponent, dtype=torch.float64)
+        self.log_law = (exponent - 1.0).abs() < 1e-9  # s = 1: x = (N + 1)^u
+        one_minus_s = torch.where(self.log_law, 1.0, 1.0 - exponent)
+        self.log_top = torch.log(self.id_space.double() + 1.0)
+        self.top_minus_1 = torch.pow(self.id_space.double() + 1.0, one_minus_s) - 1.0
+        self.inverse_power = 1.0 / one_minus_s
+
+    def ranks(self, uniforms: torch.Tensor) -> torch.Tensor:
+        """float64 uniforms in [0, 1) -> int64 ranks; rank 0 is the most popular ID."""
+        power_law = (self.top_minus_1 * uniforms + 1.0) ** self.inverse_power
+        x = torch.where(self.log_law, torch.exp(uniforms * self.log_top), power_law)
+        return torch.minimum((x.floor().to(torch.int64) - 1).clamp_(min=0), self.id_space - 1)
+
+
 def zipf_ranks(uniforms: torch.Tensor, id_space: int, exponent: float) -> torch.Tensor:
-    """Popularity ranks in [0, id_space) from float64 uniforms, by the inverse CDF of the
-    continuous density x^-exponent on [1, id_space + 1).
+    """Popularity ranks in [0, id_space) of one Zipf-like law (see ZipfLaw).
 
     Args:
         uniforms: float64 [N] in [0, 1).
     Returns:
         int64 [N]; rank 0 is the most popular ID.
     """
-    n_plus_1 = float(id_space) + 1.0
-    if abs(exponent - 1.0) < 1e-9:
-        x = torch.exp(uniforms * math.log(n_plus_1))
-    else:
-        one_minus_s = 1.0 - exponent
-        top = n_plus_1**one_minus_s
-        x = ((top - 1.0) * uniforms + 1.0) ** (1.0 / one_minus_s)
-    ranks = x.floor().to(torch.int64) - 1
-    return ranks.clamp_(0, id_space - 1)
-
-
-def gaussian_from_hash(ids: torch.Tensor, salt: int, num_values: int) -> torch.Tensor:
-    """Deterministic standard-normal values per ID (Box-Muller over hashed uniforms).
-
-    Args:
-        ids: int64 [N].
-    Returns:
-        float32 [N, num_values], the same for the same (id, salt) everywhere.
-    """
-    lanes = torch.arange(2 * num_values, dtype=torch.int64, device=ids.device)
-    hashed = hash64(ids.unsqueeze(1) * (2 * num_values) + lanes, salt)  # [N, 2V]
-    uniforms = uniform_from_hash(hashed)
-    u1 = uniforms[:, 0::2].clamp_min_(1e-7)
-    u2 = uniforms[:, 1::2]
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return ZipfLaw(id_space, exponent).ranks(uniforms)
 
 
 class PlantedClickData:
@@ -138,15 +134,9 @@ class PlantedClickData:
         def per_id(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts))
 
-        exponents = [f.zipf_exponent for f in self.features]
-        self._id_space = per_id([f.id_space for f in self.features], torch.int64)
-        self._log_law = per_id([abs(e - 1.0) < 1e-9 for e in exponents], torch.bool)
-        one_minus_s = [1.0 if abs(e - 1.0) < 1e-9 else 1.0 - e for e in exponents]
-        self._inverse_power = per_id([1.0 / v for v in one_minus_s], torch.float64)
-        self._log_top = per_id([math.log(f.id_space + 1.0) for f in self.features], torch.float64)
-        self._top_minus_1 = per_id(
-            [(f.id_space + 1.0) ** v - 1.0 for f, v in zip(self.features, one_minus_s)],
-            torch.float64,
+        self._zipf = ZipfLaw(
+            per_id([f.id_space for f in self.features], torch.int64),
+            per_id([f.zipf_exponent for f in self.features], torch.float64),
         )
         self._salt = per_id(
             [seed_salt(self.seed, "feature", f.name) for f in self.features], torch.int64
@@ -177,9 +167,7 @@ class PlantedClickData:
 
     def _raw_ids(self, uniforms: torch.Tensor) -> torch.Tensor:
         """Zipf-like popularity ranks (inverse CDF, per-ID law), then optional scrambling."""
-        power_law = (self._top_minus_1 * uniforms + 1.0) ** self._inverse_power
-        x = torch.where(self._log_law, torch.exp(uniforms * self._log_top), power_law)
-        ranks = torch.minimum((x.floor().to(torch.int64) - 1).clamp_(min=0), self._id_space - 1)
+        ranks = self._zipf.ranks(uniforms)
         scrambled = non_negative(splitmix64(ranks ^ self._salt))
         return torch.where(self._scramble, scrambled, ranks)
 
