@@ -21,7 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from modules.batch import Batch
 from modules.metrics import auc, log_loss, normalized_entropy
-from train.distributed import DistributedContext
+from train.distributed import DistributedContext, collective_device
 from train.metrics_logger import MetricsLogger
 from train.optimizers import WarmupDecaySchedule
 from train.progress import Progress
@@ -59,12 +59,14 @@ class TrainResult:
 
 
 def gather_concat(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' [N] tensors concatenated in rank order (equal N on every rank)."""
+    """All ranks' [N] tensors concatenated in rank order (equal N on every rank), on the
+    input's device; the gather itself runs where the backend needs it."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor)
-    return torch.cat(gathered)
+    local = tensor.to(collective_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.cat(gathered).to(tensor.device)
 
 
 def global_mean(value: float, device: torch.device) -> float:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from modules.hash_functions import hash64, logical_shift_right, seed_salt
+from train.distributed import collective_device
 from train.tables import tensor_blocks
 
 _CHUNK = 1 << 18  # values per chunk: the hash passes stay in cache
@@ -70,6 +71,8 @@ def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) 
                 tensor = tensor.reshape(1)
             sums = (sums + _block_sums(name, tensor, block.row_offset, block.column_offset, full_cols)) & _LOW32
     if dist.is_initialized():
+        sums = sums.to(collective_device())
         dist.all_reduce(sums)
+        sums = sums.cpu()
     sums &= _LOW32
     return f"{int(sums[1]):08x}{int(sums[0]):08x}"
