@@ -40,6 +40,8 @@ def feature_expected_collision_rate(feature: FeatureSpec, num_ids: float | None 
     none: 0 (IDs are rows). frequency: the K frequent IDs have own rows, the other n - K are
     hashed into R - K rows. multi_hash: bins = R^k (times the importance rows).
     qr: bins = the hashed virtual index space ceil(N/q) q, which QR factorises exactly.
+    managed: at best (the map holds the right IDs) R - 1 IDs own a row and the rest share the
+    last one, so n IDs reach min(n, R) rows.
     """
     spec = feature.hashing
     n = float(feature.id_space if num_ids is None else num_ids)
@@ -59,6 +61,8 @@ def feature_expected_collision_rate(feature: FeatureSpec, num_ids: float | None 
             return 0.0
         occupied = num_frequent + expected_occupied_bins(n - num_frequent, rows - num_frequent)
         return max(0.0, 1.0 - occupied / n)
+    if spec.method == "managed":
+        return max(0.0, 1.0 - min(n, rows) / n) if n > 0 else 0.0
     raise ValueError(f"feature {feature.name}: unknown hashing method {spec.method!r}")
 
 

@@ -7,10 +7,12 @@ import math
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
 from modules.features import FeatureGroupSpec
 from modules.hash_functions import hash64, seed_salt, uniform_from_hash
 from modules.hashing import TableSpec, feature_tables
+from modules.managed_collisions import managed_collection
 
 # Values initialised per chunk: small enough that the ~15 elementwise passes of the hash stay
 # in cache (13x faster than 16M-value chunks on the dev machine) and memory stays bounded.
@@ -27,9 +29,18 @@ def group_tables(group: FeatureGroupSpec) -> list[TableSpec]:
     ]
 
 
-def table_configs(group: FeatureGroupSpec) -> list[EmbeddingBagConfig]:
+def managed_feature_names(group: FeatureGroupSpec) -> list[str]:
+    """The group's features with hashing ``managed`` (their tables sit behind MCH modules)."""
+    return [f.name for f in group.features if f.hashing.method == "managed"]
+
+
+def table_configs(group: FeatureGroupSpec, managed: bool | None = None) -> list[EmbeddingBagConfig]:
     """Sum-pooled TorchRec tables; a table read by several keys (multi-hash probes) is one
-    table with several feature names, TorchRec's way of sharing a table."""
+    table with several feature names, TorchRec's way of sharing a table.
+
+    ``managed``: True = only the managed features' tables, False = only the others, None = all.
+    """
+    managed_names = set(managed_feature_names(group))
     return [
         EmbeddingBagConfig(
             name=table.name,
@@ -38,13 +49,34 @@ def table_configs(group: FeatureGroupSpec) -> list[EmbeddingBagConfig]:
             feature_names=list(table.feature_names),
             pooling=PoolingType.SUM,
         )
-        for table in group_tables(group)
+        for feature in group.features
+        if managed is None or (feature.name in managed_names) == managed
+        for table in feature_tables(feature, group.embedding_dim)
     ]
 
 
 def embedding_collection(group: FeatureGroupSpec, device: torch.device) -> EmbeddingBagCollection:
-    """The group's EmbeddingBagCollection; build it on ``meta`` when DMP will shard it."""
+    """The group's EmbeddingBagCollection of every table; build it on ``meta`` when DMP will
+    shard it."""
     return EmbeddingBagCollection(tables=table_configs(group), device=device)
+
+
+def group_collections(
+    group: FeatureGroupSpec, device: torch.device, num_shards: int
+) -> tuple[EmbeddingBagCollection | None, ManagedCollisionEmbeddingBagCollection | None]:
+    """(plain tables, managed tables) of a group, either None when the group has no such
+    tables. ``num_shards``: the world size the managed tables will be sharded over."""
+    plain = table_configs(group, managed=False)
+    managed = table_configs(group, managed=True)
+    policies = {
+        f.name: (f.hashing.eviction_policy, f.hashing.eviction_interval)
+        for f in group.features
+        if f.hashing.method == "managed"
+    }
+    return (
+        EmbeddingBagCollection(tables=plain, device=device) if plain else None,
+        managed_collection(managed, policies, num_shards, device) if managed else None,
+    )
 
 
 def init_bound(num_embeddings: int) -> float:

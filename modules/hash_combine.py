@@ -7,7 +7,8 @@ turns those per-key vectors back into one vector per feature, in the group's fea
 * multi_hash: sum or concat of the k probes, each probe scaled by 1 + its learned importance
   weight when the feature has an importance table;
 * qr: quotient and remainder vectors multiplied, summed or concatenated (after pooling, as
-  the DLRM reference implementation does).
+  the DLRM reference implementation does);
+* managed: as one key, read from the managed collection's output.
 
 It holds no parameters (importance weights live in an ordinary table of the collection) and
 is deliberately not an ``nn.Module``: TorchRec's pipeline tracer treats a module child of a
@@ -31,6 +32,7 @@ class PooledCombiner:
 
     def __init__(self, features: list[FeatureSpec]) -> None:
         self.plans: list[tuple[str, list[str], str, int]] = []
+        self.managed = {f.name for f in features if f.hashing.method == "managed"}
         for feature in features:
             spec = feature.hashing
             keys = feature_keys(feature)
@@ -43,9 +45,18 @@ class PooledCombiner:
             else:
                 self.plans.append((feature.name, keys, "single", 1))
 
-    def __call__(self, pooled: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(
+        self,
+        pooled: dict[str, torch.Tensor] | None,
+        managed: dict[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """``pooled``: the plain collection's output by key; ``managed``: the managed one's."""
         outputs = []
-        for _, keys, how, num_pieces in self.plans:
+        for name, keys, how, num_pieces in self.plans:
+            if name in self.managed:
+                outputs.append(managed[keys[0]])  # type: ignore[index]
+                continue
+            assert pooled is not None
             if how == "single":
                 outputs.append(pooled[keys[0]])
                 continue

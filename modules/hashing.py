@@ -22,6 +22,10 @@ Methods (``HashingSpec.method``), for a feature ``f`` with ``R = num_embeddings`
   combined by mult, sum or concat. As in the DLRM reference code, combination is after pooling.
 * ``frequency``: the K most frequent IDs (``frequent_ids``, most frequent first) get rows
   0..K-1 of their own; every other ID is hashed into rows K..R-1 (Zhang et al. 2020).
+* ``managed``: TorchRec's managed-collision (MCH) modules: IDs are hashed into a 63-bit space,
+  then a learned map gives the most valuable ones (by ``eviction_policy``) rows 0..R-2 of
+  their own, and the rest share row R-1 (``modules/managed_collisions.py``). Table ``f``, key
+  ``f``, held in a ManagedCollisionEmbeddingBagCollection that TorchRec shards row-wise only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 if TYPE_CHECKING:
     from modules.features import FeatureSpec
 
-METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency")
+METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
 COMBINES = {"multi_hash": ("sum", "concat"), "qr": ("mult", "sum", "concat")}
 DEFAULT_COMBINE = {"multi_hash": "sum", "qr": "mult"}
 
@@ -53,6 +57,8 @@ class HashingSpec:
             the quotient table has about num_embeddings rows.
         frequent_ids: frequency: int64 [K] raw IDs, most frequent first, that get own rows.
         seed: salts every hash of the feature (a different seed = independent hashes).
+        eviction_policy: managed: distance_lfu | lfu | lru.
+        eviction_interval: managed: training steps between admissions of new IDs.
     """
 
     method: str = "modulo"
@@ -62,6 +68,8 @@ class HashingSpec:
     q: int = 0
     frequent_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
     seed: int = 0
+    eviction_policy: str = "distance_lfu"
+    eviction_interval: int = 10
 
     @property
     def combine_or_default(self) -> str:
@@ -114,6 +122,21 @@ def check_hashing(feature: FeatureSpec) -> None:
             )
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError(f"{where}: the frequent IDs contain duplicates")
+    if spec.method == "managed":
+        if feature.num_embeddings < 2:
+            raise ValueError(
+                f"{where}: method managed needs num_embeddings >= 2 (one row is shared by the "
+                f"IDs without a row of their own), got {feature.num_embeddings}"
+            )
+        if spec.eviction_policy not in ("distance_lfu", "lfu", "lru"):
+            raise ValueError(
+                f"{where}.eviction_policy={spec.eviction_policy!r} is not one of distance_lfu, "
+                f"lfu, lru"
+            )
+        if spec.eviction_interval < 1:
+            raise ValueError(
+                f"{where}.eviction_interval must be >= 1 step, got {spec.eviction_interval}"
+            )
 
 
 def qr_remainder_rows(feature: FeatureSpec) -> int:

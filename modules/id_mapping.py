@@ -25,6 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from modules.features import FeatureSpec
 from modules.hash_functions import non_negative, seed_salt, splitmix64
 from modules.hashing import feature_keys, qr_remainder_rows, qr_virtual_size
+from modules.managed_collisions import MANAGED_INPUT_SPACE
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -66,6 +67,9 @@ def _key_parameters(feature: FeatureSpec) -> list[list[int]]:
     if method == "frequency":
         num_frequent = spec.frequent_ids.numel()  # type: ignore[union-attr]
         return [column(salt(0), mod1=rows - num_frequent, offset=num_frequent)]
+    if method == "managed":
+        # Not a row yet: a 63-bit hashed ID that the MCH module behind the mapper maps to a row.
+        return [column(salt(0), mod1=MANAGED_INPUT_SPACE)]
     raise ValueError(f"feature {feature.name}: unknown hashing method {method!r}")
 
 
@@ -74,6 +78,9 @@ class HashingIdMapper(nn.Module):
 
     Args:
         features: the group's features, in the input KJT's key order.
+        mapped: names of the features to map (default: all); the output holds only their
+            keys. A group whose managed features sit in a collection of their own has one
+            mapper per collection, each reading the group's KJT.
 
     Input: KJT with keys = the features' names, values = raw int64 IDs [sum of lengths].
     Output: KJT with keys = every feature's mapped keys in table order (a feature ``f`` with
@@ -89,13 +96,14 @@ class HashingIdMapper(nn.Module):
         # rows.values(): two rows in [0, 1000)
     """
 
-    def __init__(self, features: list[FeatureSpec]) -> None:
+    def __init__(self, features: list[FeatureSpec], mapped: list[str] | None = None) -> None:
         super().__init__()
         self.input_keys = [feature.name for feature in features]
         self.output_keys: list[str] = []
         source: list[int] = []
         columns: list[list[int]] = []
-        for index, feature in enumerate(features):
+        features_mapped = [(i, f) for i, f in enumerate(features) if mapped is None or f.name in mapped]
+        for index, feature in features_mapped:
             keys = feature_keys(feature)
             self.output_keys += keys
             source += [index] * len(keys)
@@ -117,7 +125,7 @@ class HashingIdMapper(nn.Module):
         # Frequency features: their IDs sorted (for searchsorted) and each one's own row.
         # Persistent: the mapping is part of the model and saved with it.
         self.frequency_keys: list[int] = []
-        for index, feature in enumerate(features):
+        for _, feature in features_mapped:
             if feature.hashing.method != "frequency":
                 continue
             ids = feature.hashing.frequent_ids.to(torch.int64)  # type: ignore[union-attr]

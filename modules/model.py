@@ -13,12 +13,15 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from modules.batch import Batch
+from modules.embeddings import group_collections, managed_feature_names
 from modules.features import FeatureGroupSpec
 from modules.hash_combine import PooledCombiner
 from modules.hashing import feature_output_dim
+from modules.id_mapping import HashingIdMapper
 
 INTERACTIONS = ("dot", "dcn")
 
@@ -59,10 +62,12 @@ class CrossInteraction(nn.Module):
 
 
 class EmbeddingGroup(nn.Module):
-    """One feature group's sparse side: raw-ID mapping, the group's EBC, then combining.
+    """One feature group's sparse side: raw-ID mapping, the group's collections, then combining.
 
-    Keeping the mapper and the EBC together as children of one module makes TorchRec's
-    pipeline tracer treat the mapper as a leaf it can run as a pipelined postproc.
+    Keeping each mapper and its collection together as children of one module makes
+    TorchRec's pipeline tracer treat the mapper as a leaf it can run as a pipelined postproc.
+    A group with managed features (``modules/managed_collisions.py``) holds them in a second,
+    managed collection with a mapper of its own; both mappers read the group's KJT.
 
     Input: KJT of raw IDs for the group's features. Output: one pooled [B, D_f] per feature,
     in feature order (D_f = D unless a concat combiner widens it).
@@ -71,22 +76,58 @@ class EmbeddingGroup(nn.Module):
     def __init__(
         self,
         feature_names: list[str],
-        id_mapper: nn.Module,
-        embedding_collection: EmbeddingBagCollection,
+        id_mapper: nn.Module | None,
+        embedding_collection: EmbeddingBagCollection | None,
         combiner: PooledCombiner,
+        managed_id_mapper: nn.Module | None = None,
+        managed_collection: ManagedCollisionEmbeddingBagCollection | None = None,
     ) -> None:
         super().__init__()
+        if embedding_collection is None and managed_collection is None:
+            raise ValueError(f"feature group {feature_names} has no tables")
         self.feature_names = feature_names
         self.id_mapper = id_mapper
         self.embedding_collection = embedding_collection
+        self.managed_id_mapper = managed_id_mapper
+        self.managed_collection = managed_collection
         self.combiner = combiner
 
+    def collections(self) -> list[nn.Module]:
+        """The group's embedding collections (plain, then managed), whichever exist."""
+        return [c for c in (self.embedding_collection, self.managed_collection) if c is not None]
+
     def forward(self, raw_ids: KeyedJaggedTensor) -> list[torch.Tensor]:
-        rows = self.id_mapper(raw_ids)
-        pooled: KeyedTensor = self.embedding_collection(rows)
         # A sharded EBC orders its output keys by sharding group, not feature order:
-        # read by key.
-        return self.combiner(pooled.to_dict())
+        # the combiner reads by key.
+        pooled = managed = None
+        if self.embedding_collection is not None:
+            pooled = self.embedding_collection(self.id_mapper(raw_ids)).to_dict()
+        if self.managed_collection is not None:
+            # (pooled KeyedTensor, remapped KJT or None): index, since the pipeline's tracer
+            # cannot unpack a traced tuple.
+            managed = self.managed_collection(self.managed_id_mapper(raw_ids))[0].to_dict()
+        return self.combiner(pooled, managed)
+
+
+def embedding_group(
+    group: FeatureGroupSpec, device: torch.device, num_shards: int
+) -> EmbeddingGroup:
+    """A feature group's mappers, collections (plain and managed) and combiner.
+
+    ``num_shards``: the world size the group's managed tables will be sharded over.
+    """
+    plain, managed = group_collections(group, device, num_shards)
+    managed_names = managed_feature_names(group)
+    plain_names = [name for name in group.feature_names if name not in managed_names]
+    features = list(group.features)
+    return EmbeddingGroup(
+        group.feature_names,
+        HashingIdMapper(features, plain_names) if plain is not None else None,
+        plain,
+        PooledCombiner(features),
+        HashingIdMapper(features, managed_names) if managed is not None else None,
+        managed,
+    )
 
 
 class ClickModel(nn.Module):
@@ -94,8 +135,8 @@ class ClickModel(nn.Module):
 
     Args:
         groups: feature groups, in canonical order.
-        embedding_collections: group name -> its EBC (unsharded, or on ``meta`` for DMP).
-        id_mappers: group name -> module mapping the group's raw-ID KJT to a row KJT.
+        embedding_groups: group name -> its EmbeddingGroup (tables unsharded, or on ``meta``
+            for DMP); ``embedding_group`` builds one.
         num_dense_features: N.
         dense_layer_sizes: bottom MLP; for ``dot`` its last size must equal every group's D.
         over_layer_sizes: top MLP, ending in 1.
@@ -103,15 +144,15 @@ class ClickModel(nn.Module):
 
     Example::
 
-        model = ClickModel(groups, ebcs, mappers, 13, [64, 16], [64, 1], "dot")
+        model = ClickModel(groups, {g.name: embedding_group(g, device, 1) for g in groups},
+                           13, [64, 16], [64, 1], "dot")
         logits = model(batch)  # [B]
     """
 
     def __init__(
         self,
         groups: list[FeatureGroupSpec],
-        embedding_collections: dict[str, EmbeddingBagCollection],
-        id_mappers: dict[str, nn.Module],
+        embedding_groups: dict[str, EmbeddingGroup],
         num_dense_features: int,
         dense_layer_sizes: list[int],
         over_layer_sizes: list[int],
@@ -134,15 +175,7 @@ class ClickModel(nn.Module):
             raise ValueError("dense_layer_sizes must not be empty")
         self.group_names = [group.name for group in groups]
         self.embedding_groups = nn.ModuleDict(
-            {
-                group.name: EmbeddingGroup(
-                    group.feature_names,
-                    id_mappers[group.name],
-                    embedding_collections[group.name],
-                    PooledCombiner(list(group.features)),
-                )
-                for group in groups
-            }
+            {group.name: embedding_groups[group.name] for group in groups}
         )
         self.dense_arch = DenseArch(num_dense_features, dense_layer_sizes, device=device)
         dense_dim = dense_layer_sizes[-1]

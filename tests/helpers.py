@@ -150,15 +150,13 @@ def train_unsharded(config: Config, groups: list, world_size: int, steps: int) -
     """The single-process reference: the unsharded model fed the global batch (every rank's
     batch of a step, concatenated) with plain SGD at the config's embedding and dense lrs.
     Returns {"losses", "tables"} (the sharded run must match both)."""
-    from train.build import build_click_model, init_tables
+    from train.build import build_click_model, embedding_parameters, init_tables
     from train.data import planted_data
     from train.tables import local_table_blocks
 
     model = build_click_model(config, groups, torch.device("cpu"))
     init_tables(model, groups, config.trainer.seed)
-    embedding_params = [
-        p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()
-    ]
+    embedding_params = embedding_parameters(model)
     embedding_ids = {id(p) for p in embedding_params}
     dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
     optimizer = torch.optim.SGD(

@@ -76,7 +76,15 @@ def test_dcn_builds_with_mixed_embedding_dims():
          "hashing.frequency_file=no/such/file.pt: no such file"),
         ("+hashing.features.ad_id={method:multi_hash,combine:concat}",
          "dot interaction needs one dim for every feature"),
-        ("hashing.method=managed", "hashing.method='managed' is not one of"),
+        ("hashing.method=mangled", "hashing.method='mangled' is not one of"),
+        # managed: TorchRec shards it row-wise only; the map's knobs are checked.
+        ("hashing=managed sharding=table_wise",
+         "table user_id uses hashing managed, which TorchRec shards row-wise only; "
+         "sharding.preset=table_wise cannot place it"),
+        ("hashing=managed +sharding.tables.ad_id=data_parallel",
+         "sharding.tables.ad_id=data_parallel cannot place it"),
+        ("hashing=managed hashing.eviction_interval=0", "hashing.eviction_interval must be > 0"),
+        ("hashing=managed hashing.eviction_policy=fifo", "hashing.eviction_policy='fifo' is not one of"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):

@@ -12,20 +12,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
-from modules.embeddings import embedding_collection, fill_table_block, group_tables
+from modules.embeddings import fill_table_block, group_tables
 from modules.features import FeatureGroupSpec, FeatureSpec, check_unique_names
-from modules.id_mapping import HashingIdMapper
-from modules.model import ClickModel, ClickModelTrain
+from modules.model import ClickModel, ClickModelTrain, embedding_group
 from train.config import Config, FeaturesConfig, HashingConfig
+from train.comms import embedding_sharder
+from train.managed_sharding import ManagedCollectionSharder
 from train.hashing import FrequencyFile, check_hashing_names, resolve_hashing
 from train.distributed import DistributedContext
 from train.optimizers import combined_optimizer, embedding_optimizer
 from train.sharding import (
-    CpuRowWiseSharder,
     PlacedTable,
     TableInfo,
     build_planner,
@@ -105,21 +105,22 @@ def feature_groups(
 
 
 def build_click_model(
-    config: Config, groups: list[FeatureGroupSpec], embedding_device: torch.device
+    config: Config,
+    groups: list[FeatureGroupSpec],
+    embedding_device: torch.device,
+    num_shards: int = 1,
 ) -> ClickModelTrain:
-    """The unsharded model with its loss; dense weights seeded by trainer.seed."""
-    embedding_collections = {
-        group.name: embedding_collection(group, embedding_device) for group in groups
+    """The unsharded model with its loss; dense weights seeded by trainer.seed.
+    ``num_shards``: the world size its managed tables will be sharded over."""
+    sparse_groups = {
+        group.name: embedding_group(group, embedding_device, num_shards) for group in groups
     }
     # Seed right before the dense layers, so their init does not depend on whether the
     # tables above were built on meta (no RNG use) or materialised.
     torch.manual_seed(config.trainer.seed)
     model = ClickModel(
         groups=groups,
-        embedding_collections=embedding_collections,
-        id_mappers={
-            group.name: HashingIdMapper(list(group.features)) for group in groups
-        },
+        embedding_groups=sparse_groups,
         num_dense_features=config.features.num_dense_features,
         dense_layer_sizes=list(config.model.dense_layer_sizes),
         over_layer_sizes=list(config.model.over_layer_sizes),
@@ -192,23 +193,41 @@ def plan_for(
         hbm_cap_bytes=config.sharding.hbm_cap_bytes,
         ddr_cap_bytes=config.sharding.ddr_cap_bytes,
     )
-    plan = plan_sharding(unsharded, planner, CpuRowWiseSharder(), dist.group.WORLD)
+    plan = plan_sharding(unsharded, planner, job_sharders(config), dist.group.WORLD)
     placed = placed_tables(plan, tables, context.world_size, config.optim.embedding)
     return plan, placed, tables
 
 
+def job_sharders(config: Config) -> list[ModuleSharder]:
+    """The sharders of every plan and of DistributedModelParallel: plain collections, and
+    managed ones (TorchRec's MC sharder wraps the same collection sharder; row-wise only)."""
+    collection_sharder = embedding_sharder(config.sharding.comms_precision)
+    managed_sharder = ManagedCollectionSharder(
+        ebc_sharder=collection_sharder,
+        qcomm_codecs_registry=collection_sharder.qcomm_codecs_registry,
+    )
+    return [managed_sharder, collection_sharder]
+
+
+def embedding_parameters(model: ClickModelTrain) -> list[torch.nn.Parameter]:
+    """Every table's weights, in every group's collections (plain and managed)."""
+    return [
+        p
+        for group in model.model.embedding_groups.values()
+        for collection in group.collections()
+        for p in collection.parameters()
+    ]
+
+
 def meta_model_with_fused_optimizer(
-    config: Config, groups: list[FeatureGroupSpec]
+    config: Config, groups: list[FeatureGroupSpec], num_shards: int
 ) -> ClickModelTrain:
     """The model with its tables on ``meta`` and the fused embedding optimizer attached: what
-    the planner sizes (optimizer state included) and DistributedModelParallel shards."""
-    model = build_click_model(config, groups, torch.device("meta"))
+    the planner sizes (optimizer state included) and DistributedModelParallel shards over
+    ``num_shards`` ranks."""
+    model = build_click_model(config, groups, torch.device("meta"), num_shards)
     optimizer_class, optimizer_kwargs = embedding_optimizer(config.optim)
-    apply_optimizer_in_backward(
-        optimizer_class,
-        [p for g in model.model.embedding_groups.values() for p in g.embedding_collection.parameters()],
-        optimizer_kwargs,
-    )
+    apply_optimizer_in_backward(optimizer_class, embedding_parameters(model), optimizer_kwargs)
     return model
 
 
@@ -227,13 +246,10 @@ def chosen_sharding(config: Config, tables: list[TableInfo]) -> dict[str, str | 
 def build_sharded_job(
     config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
 ) -> ShardedJob:
-    unsharded = meta_model_with_fused_optimizer(config, groups)
+    unsharded = meta_model_with_fused_optimizer(config, groups, context.world_size)
     plan, placed, tables = plan_for(config, groups, unsharded, context)
     model = DistributedModelParallel(
-        module=unsharded,
-        device=context.device,
-        plan=plan,
-        sharders=[CpuRowWiseSharder()],
+        module=unsharded, device=context.device, plan=plan, sharders=job_sharders(config)
     )
     init_tables(model, groups, config.trainer.seed)
     optimizer = combined_optimizer(model, config.optim)

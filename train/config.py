@@ -24,6 +24,7 @@ SHARDING_TYPES = (
     "table_row_wise",
 )
 SHARDING_PRESETS = ("auto", "mixed", *SHARDING_TYPES)
+COMMS_PRECISIONS = ("fp32", "bf16", "fp16")
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 LOGGER_MODES = ("offline", "online", "disabled")
@@ -101,7 +102,8 @@ class FeaturesConfig:
         _check_positive("features.num_dense_features", self.num_dense_features)
 
 
-HASHING_METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency")
+HASHING_METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
+EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")
 
 
 def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingConfig") -> None:
@@ -117,6 +119,10 @@ def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingCon
         _check_choice(f"{where}.combine", values.combine, ("sum", "concat", "mult"))
     if values.num_frequent is not None:
         _check_positive(f"{where}.num_frequent", values.num_frequent)
+    if values.eviction_policy is not None:
+        _check_choice(f"{where}.eviction_policy", values.eviction_policy, EVICTION_POLICIES)
+    if values.eviction_interval is not None:
+        _check_positive(f"{where}.eviction_interval", values.eviction_interval)
 
 
 @dataclass
@@ -129,6 +135,8 @@ class FeatureHashingConfig:
     importance_rows: Optional[int] = None
     q: Optional[int] = None
     num_frequent: Optional[int] = None
+    eviction_policy: Optional[str] = None
+    eviction_interval: Optional[int] = None
 
 
 @dataclass
@@ -137,7 +145,7 @@ class HashingConfig:
 
     name: str = MISSING
     # Method of every feature that neither hashing.features nor its feature config names:
-    # none | modulo | hash | multi_hash | qr | frequency.
+    # none | modulo | hash | multi_hash | qr | frequency | managed.
     method: str = "hash"
     # multi_hash: hashes (probes) per ID, k >= 1.
     num_hashes: int = 2
@@ -151,6 +159,11 @@ class HashingConfig:
     num_frequent: Optional[int] = None
     # frequency: file written by scripts/count_frequencies.py (feature -> IDs, most frequent first).
     frequency_file: Optional[str] = None
+    # managed: which IDs keep their rows when new ones arrive: distance_lfu (counts decayed by
+    # the steps since the last access) | lfu | lru.
+    eviction_policy: str = "distance_lfu"
+    # managed: training steps between admissions of the IDs seen since the last one.
+    eviction_interval: int = 10
     # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps).
     compression_ratio: Optional[float] = None
     # Salts every hash: another seed gives independent hash functions.
@@ -262,9 +275,13 @@ class ShardingConfig:
     # Planner memory caps per rank (bytes); null = what the device reports / TorchRec default.
     hbm_cap_bytes: Optional[int] = None
     ddr_cap_bytes: Optional[int] = None
+    # Pooled embeddings (forward) and their gradients (backward) between ranks: fp32, or
+    # bf16 / fp16 for half the bytes (train/comms.py).
+    comms_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check_choice("sharding.preset", self.preset, SHARDING_PRESETS)
+        _check_choice("sharding.comms_precision", self.comms_precision, COMMS_PRECISIONS)
         for table, sharding_type in self.tables.items():
             _check_choice(f"sharding.tables.{table}", sharding_type, SHARDING_TYPES)
         _check_positive("sharding.mixed_row_threshold", self.mixed_row_threshold)

@@ -24,7 +24,9 @@ from modules.collisions import (
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
 from modules.hashing import HashingSpec, feature_tables
 from modules.id_mapping import HashingIdMapper
+from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
 from train.config import HASHING_METHODS, HashingConfig
+from train.distributed import collective_device
 from train.sharding import OPTIMIZER_STATE_VALUES_PER_ROW
 
 
@@ -112,6 +114,8 @@ def resolve_hashing(
         q=pick("q"),
         frequent_ids=frequent_ids,
         seed=hashing.seed,
+        eviction_policy=pick("eviction_policy"),
+        eviction_interval=pick("eviction_interval"),
     )
     return num_embeddings, spec
 
@@ -121,11 +125,15 @@ def hashing_report(
     embedding_optimizer: str,
     eval_batches: Iterable[Batch],
     max_batches: int = 64,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per feature: method, tables and rows, bytes (parameters + optimizer state) hashed and
     for a full table over the declared ID space, the expected collision rate for the declared
     cardinality and the one measured on the eval window (all ranks' eval batches, at most
     ``max_batches`` per rank, so a large real eval set is not read a second time in full).
+
+    Managed features' rows depend on the model's live MCH maps: with ``model`` given they are
+    measured against them (at the time of the call), else left unmeasured.
 
     A collective when distributed: every rank must call it with its own eval batches.
     """
@@ -146,14 +154,35 @@ def hashing_report(
             name: torch.unique(torch.cat([part[name] for part in gathered if name in part]))
             for name in local
         }
+    maps = mch_modules(model) if model is not None else {}
     report: dict[str, dict[str, Any]] = {}
     for group in groups:
         mapper = HashingIdMapper(list(group.features))
         for feature in group.features:
+            distinct_ids = local.get(feature.name)
+            if feature.hashing.method == "managed":
+                distinct_ids = distinct_ids if feature.name in maps else None
             report[feature.name] = _feature_entry(
-                feature, group.embedding_dim, state_values, mapper, local.get(feature.name)
+                feature, group.embedding_dim, state_values, mapper, distinct_ids, maps.get(feature.name)
             )
     return report
+
+
+def _managed_rows(mapper: HashingIdMapper, feature: FeatureSpec, distinct_ids: torch.Tensor,
+                  mch: torch.nn.Module) -> int:
+    """Distinct rows that a managed feature's IDs reach now: one per ID holding a row of its
+    own (in whichever rank's shard of the map), plus the shared rows of the others (one per
+    shard, counted as used once there are at least as many such IDs). A collective."""
+    hashed = mapper.feature_rows(feature.name, distinct_ids)[:, 0]
+    owned = admitted(mch, hashed).to(torch.int64)
+    num_shards = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        num_shards = dist.get_world_size()
+        owned = owned.to(collective_device())
+        dist.all_reduce(owned)  # each ID lives in at most one rank's shard
+        owned = owned.cpu()
+    num_owned = int((owned > 0).sum())
+    return num_owned + min(num_shards, distinct_ids.numel() - num_owned)
 
 
 def _feature_entry(
@@ -162,12 +191,15 @@ def _feature_entry(
     state_values,
     mapper: HashingIdMapper,
     distinct_ids: torch.Tensor | None,
+    mch: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     tables = feature_tables(feature, embedding_dim)
     bytes_hashed = sum(
         t.num_embeddings * (t.embedding_dim + state_values(t.embedding_dim)) * FLOAT32_BYTES
         for t in tables
     )
+    if feature.hashing.method == "managed":  # the map: raw ID, row and eviction metadata
+        bytes_hashed += feature.num_embeddings * MANAGED_STATE_BYTES_PER_ROW
     bytes_full = feature.id_space * (embedding_dim + state_values(embedding_dim)) * FLOAT32_BYTES
     entry: dict[str, Any] = {
         "method": feature.hashing.method,
@@ -187,7 +219,10 @@ def _feature_entry(
     if distinct_ids is not None and distinct_ids.numel() > 0:
         if feature.hashing.method == "none":
             distinct_ids = distinct_ids[(distinct_ids >= 0) & (distinct_ids < feature.num_embeddings)]
-        num_rows = distinct_signatures(mapper.feature_rows(feature.name, distinct_ids))
+        if mch is not None:
+            num_rows = _managed_rows(mapper, feature, distinct_ids, mch)
+        else:
+            num_rows = distinct_signatures(mapper.feature_rows(feature.name, distinct_ids))
         entry["eval_distinct_ids"] = int(distinct_ids.numel())
         entry["eval_distinct_rows"] = num_rows
         entry["measured_collision_rate"] = measured_collision_rate(distinct_ids.numel(), num_rows)

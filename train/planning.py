@@ -14,10 +14,9 @@ import torch
 from torchrec.distributed.planner.types import PlannerError
 
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
-from train.build import chosen_sharding, meta_model_with_fused_optimizer
+from train.build import chosen_sharding, job_sharders, meta_model_with_fused_optimizer
 from train.config import Config
 from train.sharding import (
-    CpuRowWiseSharder,
     PlacedTable,
     build_planner,
     format_bytes,
@@ -56,7 +55,7 @@ def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
 def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetPlan:
     """Plan on this machine for ``config.plan_topology`` (no process group needed)."""
     target = config.plan_topology
-    model = meta_model_with_fused_optimizer(config, groups)
+    model = meta_model_with_fused_optimizer(config, groups, target.world_size)
     tables = table_infos(groups)
     chosen = chosen_sharding(config, tables)
     planner = build_planner(
@@ -70,7 +69,7 @@ def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetP
         ddr_cap_bytes=target.host_bytes_per_rank,
     )
     try:
-        plan = planner.plan(model, [CpuRowWiseSharder()])
+        plan = planner.plan(model, job_sharders(config))
     except PlannerError as error:
         text = str(error).strip()
         first_line = (text.splitlines()[0] if text else type(error).__name__).rstrip(". ")

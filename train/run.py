@@ -172,13 +172,19 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     # W&B + metrics.jsonl on rank 0 (no-op elsewhere): config, system facts, plan table.
     metrics = start_run_logging(config, context, run_dir, job.placed)
     hashing_at_eval: dict = {}
+    # Managed features' rows follow their live maps: measure them again at every eval.
+    has_managed = any(f.hashing.method == "managed" for g in groups for f in g.features)
+
+    def hashing_now() -> dict:
+        return hashing_report(groups, config.optim.embedding, eval_batches(), model=job.model)
 
     def eval_extras(step: int) -> dict[str, float]:
         """eval/bayes_auc and hash/<feature>/<stat> after each eval. Runs on every rank
-        (hashing_report is a collective); the report is a fixed function of the eval window
-        and the hashing, so it is measured once and reused for summary.json."""
-        if not hashing_at_eval:
-            hashing_at_eval.update(hashing_report(groups, config.optim.embedding, eval_batches()))
+        (hashing_report is a collective); without managed features the report is a fixed
+        function of the eval window and the hashing, so it is measured once and reused for
+        summary.json."""
+        if not hashing_at_eval or has_managed:
+            hashing_at_eval.update(hashing_now())
         extras = hashing_metrics(hashing_at_eval)
         if eval_bayes_auc is not None:
             extras["eval/bayes_auc"] = eval_bayes_auc
@@ -246,8 +252,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         if source.skipped_rows_are_global
         else reduce_over_ranks(source.skipped_rows, context.device),
         # Per feature: rows, bytes, expected and measured collisions (a collective).
-        "hashing": dict(hashing_at_eval)
-        or hashing_report(groups, config.optim.embedding, eval_batches()),
+        "hashing": dict(hashing_at_eval) or hashing_now(),
         "wandb_dir": metrics.wandb_dir,
         "wall_seconds": time.perf_counter() - started,
     }

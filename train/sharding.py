@@ -17,9 +17,9 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from modules.embeddings import group_tables
+from modules.hashing import feature_tables
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
 
 # Optimizer state per table row, in float32 values, as a function of the embedding dim.
@@ -47,14 +47,19 @@ class TableInfo:
     group: str
     num_embeddings: int
     embedding_dim: int
+    managed: bool = False  # behind MCH modules (hashing managed): row-wise only
 
 
 def table_infos(groups: list[FeatureGroupSpec]) -> list[TableInfo]:
     """The real tables (a hashed feature may have several: ``f_q``/``f_r``, ``f_weights``)."""
     return [
-        TableInfo(table.name, group.name, table.num_embeddings, table.embedding_dim)
+        TableInfo(
+            table.name, group.name, table.num_embeddings, table.embedding_dim,
+            managed=feature.hashing.method == "managed",
+        )
         for group in groups
-        for table in group_tables(group)
+        for feature in group.features
+        for table in feature_tables(feature, group.embedding_dim)
     ]
 
 
@@ -76,7 +81,9 @@ def sharding_type_per_table(
         )
     chosen: dict[str, str | None] = {}
     for table in tables:
-        if table.name in overrides:
+        if table.managed:
+            chosen[table.name] = _managed_sharding(table, preset, overrides.get(table.name))
+        elif table.name in overrides:
             chosen[table.name] = overrides[table.name]
         elif preset == "auto":
             chosen[table.name] = None
@@ -89,6 +96,18 @@ def sharding_type_per_table(
         else:
             chosen[table.name] = preset
     return chosen
+
+
+def _managed_sharding(table: TableInfo, preset: str, override: str | None) -> str:
+    """A managed table's sharding: row-wise, the only type TorchRec's MC sharder offers."""
+    asked, where = (override, f"sharding.tables.{table.name}") if override else (preset, "sharding.preset")
+    if asked not in ("auto", "mixed", ShardingType.ROW_WISE.value):
+        raise ValueError(
+            f"table {table.name} uses hashing managed, which TorchRec shards row-wise only; "
+            f"{where}={asked} cannot place it (use sharding=auto, mixed or row_wise, or "
+            f"+sharding.tables.{table.name}=row_wise)"
+        )
+    return ShardingType.ROW_WISE.value
 
 
 def check_column_wise_splits(tables: list[TableInfo], chosen: dict[str, str | None]) -> None:
@@ -116,7 +135,12 @@ def build_planner(
 ) -> EmbeddingShardingPlanner:
     """A planner over the real topology, constrained to the chosen sharding types."""
     constraints = {
-        table.name: ParameterConstraints(sharding_types=[chosen[table.name]])
+        table.name: ParameterConstraints(
+            sharding_types=[chosen[table.name]],
+            # On CPU the planner would also offer managed tables fused_uvm, which its
+            # estimator then rejects; only fused exists there.
+            compute_kernels=["fused"] if table.managed and device.type == "cpu" else None,
+        )
         for table in tables
         if chosen[table.name] is not None
     }
@@ -135,11 +159,11 @@ def build_planner(
 def plan_sharding(
     model: nn.Module,
     planner: EmbeddingShardingPlanner,
-    sharder: EmbeddingBagCollectionSharder,
+    sharders: list[ModuleSharder],
     pg: dist.ProcessGroup | None,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast, so every rank shards the same way."""
-    return planner.collective_plan(model, [sharder], pg)
+    return planner.collective_plan(model, sharders, pg)
 
 
 @dataclass(frozen=True)
