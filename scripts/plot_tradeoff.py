@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 LABELS = {"default": "hash", "modulo": "modulo", "multi_hash": "multi_hash (k=2)",
-          "qr": "qr (mult)", "frequency": "frequency"}
+          "qr": "qr (mult)", "frequency": "frequency",
+          "managed": "managed (MCH)"}
 
 
 def load_points(sweep_dir: Path) -> list[dict]:
@@ -29,7 +30,10 @@ def load_points(sweep_dir: Path) -> list[dict]:
         points.append({
             "method": hashing["name"],
             "ratio": hashing["compression_ratio"],
-            "embedding_bytes": summary["embedding_bytes"],
+            # The hashing report's bytes: parameters + optimizer state, plus a managed
+            # table's map (32 B per row), which the plan's table bytes leave out.
+            "embedding_bytes": sum(e["bytes_hashed"] for e in summary["hashing"].values())
+            if summary.get("hashing") else summary["embedding_bytes"],
             "eval_auc": summary["eval_auc"],
             "bayes_auc": summary["eval_bayes_auc"],
             "samples_per_sec": summary["samples_per_sec"],
@@ -76,7 +80,7 @@ def plot(points: list[dict], path: Path) -> None:
     bayes = sum(p["bayes_auc"] for p in points) / len(points)
     axis.axhline(bayes, color="black", linestyle="--", label=f"Bayes AUC {bayes:.4f}")
     axis.set_xscale("log")
-    axis.set_xlabel("embedding bytes (parameters + optimizer state), MiB")
+    axis.set_xlabel("embedding bytes (parameters + optimizer state + managed maps), MiB")
     axis.set_ylabel("eval AUC")
     axis.set_title("hashing trade-off on planted data (compression 4x .. 256x)")
     axis.grid(True, which="both", alpha=0.3)

@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 $PY scripts/count_frequencies.py --steps 200 --top 200000 experiment=tradeoff "$@"
 rm -rf multirun/tradeoff
 $PY -m train -m experiment=tradeoff \
-  hashing=modulo,default,multi_hash,qr,frequency \
+  hashing=modulo,default,multi_hash,qr,frequency,managed \
   hashing.compression_ratio=4,16,64,256 \
   hydra.sweep.dir=multirun/tradeoff "$@"
 $PY scripts/plot_tradeoff.py multirun/tradeoff --png docs/tradeoff.png --markdown docs/tradeoff.md
