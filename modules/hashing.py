@@ -23,8 +23,8 @@ Methods (``HashingSpec.method``), for a feature ``f`` with ``R = num_embeddings`
 * ``frequency``: the K most frequent IDs (``frequent_ids``, most frequent first) get rows
   0..K-1 of their own; every other ID is hashed into rows K..R-1 (Zhang et al. 2020).
 * ``managed``: TorchRec's managed-collision (MCH) modules: IDs are hashed into a 63-bit space,
-  then a learned map gives the most valuable ones (by ``eviction_policy``) rows 0..R-2 of
-  their own, and the rest share row R-1 (``modules/managed_collisions.py``). Table ``f``, key
+  then a learned map gives the most valuable ones (by ``eviction_policy``) rows of their own,
+  and the rest share the last row (of each rank's shard) (``modules/managed_collisions.py``). Table ``f``, key
   ``f``, held in a ManagedCollisionEmbeddingBagCollection that TorchRec shards row-wise only.
 """
 

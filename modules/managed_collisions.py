@@ -95,7 +95,9 @@ def mch_modules(model: torch.nn.Module) -> dict[str, MCHManagedCollisionModule]:
 
 @torch.no_grad()
 def admitted(module: MCHManagedCollisionModule, hashed_ids: torch.Tensor) -> torch.Tensor:
-    """bool [N]: which of ``hashed_ids`` hold a row of their own in this (shard of the) map."""
+    """bool [N] (on ``hashed_ids``' device): which of ``hashed_ids`` hold a row of their own
+    in this (shard of the) map."""
     sorted_ids = module._mch_sorted_raw_ids
-    position = torch.searchsorted(sorted_ids, hashed_ids).clamp_(max=sorted_ids.numel() - 1)
-    return sorted_ids[position] == hashed_ids
+    ids = hashed_ids.to(sorted_ids.device)
+    position = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
+    return (sorted_ids[position] == ids).to(hashed_ids.device)
