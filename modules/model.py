@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
@@ -21,6 +21,7 @@ from modules.embeddings import group_collections, managed_feature_names
 from modules.features import FeatureGroupSpec
 from modules.hash_combine import PooledCombiner
 from modules.hashing import feature_output_dim
+from modules.interaction import dot_interaction, pair_indices
 from modules.id_mapping import HashingIdMapper
 
 INTERACTIONS = ("dot", "dcn")
@@ -34,13 +35,13 @@ class DotInteraction(nn.Module):
 
     def __init__(self, num_sparse_features: int, embedding_dim: int) -> None:
         super().__init__()
-        self.arch = InteractionArch(num_sparse_features=num_sparse_features)
+        self.register_buffer("pair_indices", pair_indices(num_sparse_features), persistent=False)
         self.output_dim = embedding_dim + num_sparse_features + (
             num_sparse_features * (num_sparse_features - 1) // 2
         )
 
     def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
-        return self.arch(dense, torch.stack(sparse, dim=1))
+        return dot_interaction(dense, sparse, self.pair_indices)
 
 
 class CrossInteraction(nn.Module):

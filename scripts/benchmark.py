@@ -33,6 +33,11 @@ CONFIGS: dict[str, tuple[list[str], int | None]] = {
     "default": ([], None),
     "billion_users_multi_hash": (["experiment=billion_users", "hashing=multi_hash"], None),
     "many_tables": (["features=many_tables"], None),
+    # The reference shape with 10x the rows (3.4 GB of tables per rank at 2 ranks): peak RSS
+    # against planned bytes where the tables, not the runtime, dominate.
+    "reference_shape_1m_rows": (["experiment=reference_shape",
+                                 "features.generated.num_embeddings=1000000",
+                                 "features.generated.id_space=1000000"], None),
 }
 
 
@@ -87,17 +92,19 @@ def run_config(name: str, nproc: int, steps: int, extra: list[str]) -> dict:
     }
 
 
-def run_baseline(nproc: int, steps: int) -> dict:
+def run_baseline(nproc: int, steps: int, pin_cores: bool = False) -> dict:
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    command = [*torchrun(nproc), str(REPO / "scripts" / "torchrec_baseline.py"), f"--steps={steps}"]
+    flags = [f"--steps={steps}", *(["--pin-cores"] if pin_cores else [])]
+    command = [*torchrun(nproc), str(REPO / "scripts" / "torchrec_baseline.py"), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"baseline failed:\n{result.stderr[-3000:]}")
     line = next(l for l in result.stdout.splitlines() if l.startswith("{"))
-    return {**json.loads(line), "config": "torchrec_baseline", "omp_threads": threads,
+    return {**json.loads(line), "omp_threads": threads,
+            "config": "torchrec_baseline" + ("_pinned" if pin_cores else ""),
             "command": f"OMP_NUM_THREADS={threads} torchrun --standalone --nproc_per_node {nproc} "
-                       f"scripts/torchrec_baseline.py --steps={steps}"}
+                       f"scripts/torchrec_baseline.py {' '.join(flags)}"}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -119,8 +126,8 @@ def rate(result: dict) -> str:
 
 
 def markdown_row(result: dict) -> str:
-    if result["config"] == "torchrec_baseline":
-        return (f"| torchrec_baseline | {result['world_size']} | {rate(result)} "
+    if result["config"].startswith("torchrec_baseline"):
+        return (f"| {result['config']} | {result['world_size']} | {rate(result)} "
                 f"| - | - | - | `{result['command']}` |")
     peaks = ", ".join(gib(v) for v in result["peak_rss_bytes_per_rank"])
     return (
@@ -137,6 +144,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--baseline", action="store_true", help="also run TorchRec's minimal loop")
+    parser.add_argument("--pinned-baseline", action="store_true",
+                        help="also run TorchRec's loop with each rank pinned to its own cores, "
+                             "as hashrec's trainer.cpu_affinity=auto does")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "benchmark.json")
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override")
     parser.add_argument("--repeats", type=int, default=1,
@@ -147,6 +157,8 @@ def main() -> None:
         results = []
         if args.baseline:
             results.append(run_baseline(args.nproc, args.steps))
+        if args.pinned_baseline:
+            results.append(run_baseline(args.nproc, args.steps, pin_cores=True))
         for name in args.configs:
             results.append(run_config(name, args.nproc, args.steps, args.override))
         rounds.append(results)

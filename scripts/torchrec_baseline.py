@@ -34,6 +34,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train.cpu_affinity import pin_local_rank  # noqa: E402
 from train.sharding import CpuRowWiseSharder  # noqa: E402  (row-wise allowed on CPU too)
 
 
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--pin-cores", action="store_true",
+                        help="pin each CPU rank to its own cores (what hashrec's "
+                             "trainer.cpu_affinity=auto does), for a like-for-like comparison")
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -55,6 +59,9 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if args.pin_cores and device.type == "cpu":
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        pin_local_rank(int(os.environ.get("LOCAL_RANK", rank)), local_world_size)
 
     keys = [f"f{i}" for i in range(args.num_tables)]
     tables = [

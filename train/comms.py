@@ -11,6 +11,12 @@ TorchRec's ``get_qcomm_codecs_registry`` swaps BF16 for FP16 whenever the device
 all_reduce on bfloat16 tensors (checked, 2 ranks), so this builds the registry itself and keeps
 the precision asked for. bf16 keeps float32's range (small backward gradients do not flush to
 zero, as they can in fp16 without a loss scale) at 8 bits of mantissa.
+
+Measured on the reference shape (2 gloo ranks, one core each): the codec's clamp and casts
+cost more than the halved bytes save, 72-74 ms a step in bf16 against 59-62 ms in fp32, so
+fp32 stays the default on CPU. With the dense side in bf16 autocast and the dot interaction,
+bf16 comms change nothing numerically (the interaction casts the pooled vectors to bf16 first
+and its gradients are bf16 values): the state digest after 10 steps is identical.
 """
 
 from __future__ import annotations

@@ -358,11 +358,15 @@ class TrainerConfig:
     precision: str = "auto"
     # none | auto (the latest intact checkpoint of the run directory, if any) | a checkpoint path.
     resume: str = "none"
+    # auto: on CPU with several ranks per host, each rank (its gloo and prefetch threads too)
+    # gets its own share of the cores (train/cpu_affinity.py); none: the OS places them.
+    cpu_affinity: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
         _check_positive("trainer.batch_size", self.batch_size)
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("trainer.cpu_affinity", self.cpu_affinity, ("auto", "none"))
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
         if not self.resume:

@@ -17,6 +17,7 @@ from modules.tabular import BadRowError
 from train.build import build_sharded_job, dense_autocast, feature_groups
 from train.data import build_data_source
 from train.config import Config
+from train.cpu_affinity import pin_local_rank
 from train.distributed import DistributedContext, init_distributed, shutdown_distributed
 from train.hashing import format_hashing, hashing_report
 from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
@@ -171,6 +172,12 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
 
     # W&B + metrics.jsonl on rank 0 (no-op elsewhere): config, system facts, plan table.
     metrics = start_run_logging(config, context, run_dir, job.placed)
+    # After W&B has started its service process, which would otherwise share rank 0's cores.
+    if context.device.type == "cpu" and config.trainer.cpu_affinity == "auto":
+        cores = pin_local_rank(context.local_rank, context.local_world_size)  # a collective
+        if cores is not None:
+            say(f"cpu affinity: each of the {context.local_world_size} ranks on a host "
+                f"pinned to {len(cores)} core(s) of its own")
     hashing_at_eval: dict = {}
     # Managed features' rows follow their live maps: measure them again at every eval.
     has_managed = any(f.hashing.method == "managed" for g in groups for f in g.features)
