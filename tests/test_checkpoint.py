@@ -57,6 +57,16 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert kept == ["step_00000012", "step_00000020"]
 
 
+def test_fresh_run_in_a_used_run_dir_replaces_its_checkpoints(tmp_path):
+    """Without trainer.resume, a second run in the same directory trains from scratch and
+    its final checkpoint replaces the first run's checkpoint of the same step."""
+    for _ in range(2):
+        result = run_train([*BASE, "trainer.steps=4", f"hydra.run.dir={tmp_path}/a"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_00000004"]
+    assert choose_checkpoint("auto", tmp_path / "a") is not None
+
+
 def _job(rank: int, world_size: int, sharding: str):
     config = compose_config([*BASE, f"sharding={sharding}"])
     groups = feature_groups(config.features)

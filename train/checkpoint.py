@@ -153,8 +153,16 @@ def save_checkpoint(
                 "files": _file_sizes(partial),
             }
             (partial / META).write_text(json.dumps(meta, indent=1))
+            # A run started afresh in a used run directory reaches steps it has checkpoints
+            # of: the new state replaces the old (set aside first, as rename cannot replace a
+            # non-empty folder), so the work just done is never lost.
+            replaced = final.with_name(final.name + ".replaced")
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(partial, final)
             _fsync_dir(root)
+            shutil.rmtree(replaced, ignore_errors=True)
         except OSError as caught:
             error = f"{type(caught).__name__}: {caught}"
     error = _first_error(error)
