@@ -40,7 +40,6 @@ def table_configs(group: FeatureGroupSpec, managed: bool | None = None) -> list[
 
     ``managed``: True = only the managed features' tables, False = only the others, None = all.
     """
-    managed_names = set(managed_feature_names(group))
     return [
         EmbeddingBagConfig(
             name=table.name,
@@ -50,7 +49,7 @@ def table_configs(group: FeatureGroupSpec, managed: bool | None = None) -> list[
             pooling=PoolingType.SUM,
         )
         for feature in group.features
-        if managed is None or (feature.name in managed_names) == managed
+        if managed is None or (feature.hashing.method == "managed") == managed
         for table in feature_tables(feature, group.embedding_dim)
     ]
 

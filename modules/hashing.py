@@ -24,8 +24,9 @@ Methods (``HashingSpec.method``), for a feature ``f`` with ``R = num_embeddings`
   0..K-1 of their own; every other ID is hashed into rows K..R-1 (Zhang et al. 2020).
 * ``managed``: TorchRec's managed-collision (MCH) modules: IDs are hashed into a 63-bit space,
   then a learned map gives the most valuable ones (by ``eviction_policy``) rows of their own,
-  and the rest share the last row (of each rank's shard) (``modules/managed_collisions.py``). Table ``f``, key
-  ``f``, held in a ManagedCollisionEmbeddingBagCollection that TorchRec shards row-wise only.
+  and the rest share the last row of each rank's shard (``modules/managed_collisions.py``).
+  Table ``f``, key ``f``, in a ManagedCollisionEmbeddingBagCollection that TorchRec shards
+  row-wise only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from modules.features import FeatureSpec
 
 METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
+EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")  # managed: which IDs keep their rows
 COMBINES = {"multi_hash": ("sum", "concat"), "qr": ("mult", "sum", "concat")}
 DEFAULT_COMBINE = {"multi_hash": "sum", "qr": "mult"}
 
@@ -128,10 +130,10 @@ def check_hashing(feature: FeatureSpec) -> None:
                 f"{where}: method managed needs num_embeddings >= 2 (one row is shared by the "
                 f"IDs without a row of their own), got {feature.num_embeddings}"
             )
-        if spec.eviction_policy not in ("distance_lfu", "lfu", "lru"):
+        if spec.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(
-                f"{where}.eviction_policy={spec.eviction_policy!r} is not one of distance_lfu, "
-                f"lfu, lru"
+                f"{where}.eviction_policy={spec.eviction_policy!r} is not one of "
+                f"{', '.join(EVICTION_POLICIES)}"
             )
         if spec.eviction_interval < 1:
             raise ValueError(

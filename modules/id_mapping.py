@@ -102,7 +102,9 @@ class HashingIdMapper(nn.Module):
         self.output_keys: list[str] = []
         source: list[int] = []
         columns: list[list[int]] = []
-        features_mapped = [(i, f) for i, f in enumerate(features) if mapped is None or f.name in mapped]
+        features_mapped = [
+            (i, f) for i, f in enumerate(features) if mapped is None or f.name in mapped
+        ]
         for index, feature in features_mapped:
             keys = feature_keys(feature)
             self.output_keys += keys

@@ -32,10 +32,11 @@ from torchrec.modules.mc_modules import (
     MCHManagedCollisionModule,
 )
 
+from modules.hashing import EVICTION_POLICIES
+
 # Hashed IDs lie in [0, 2^63 - 1): the MCH module marks empty slots with int64 max, which a
 # hashed ID must never equal.
 MANAGED_INPUT_SPACE = (1 << 63) - 1
-EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")
 # Per row of a managed table, besides the embedding: the sorted raw ID, its row, and two
 # int64 eviction metadata (counts and last access for distance_lfu).
 MANAGED_STATE_BYTES_PER_ROW = 4 * 8

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from modules.hashing import EVICTION_POLICIES, METHODS
+
 SHARDING_TYPES = (
     "data_parallel",
     "table_wise",
@@ -102,8 +104,8 @@ class FeaturesConfig:
         _check_positive("features.num_dense_features", self.num_dense_features)
 
 
-HASHING_METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
-EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")
+# The hashing methods and managed eviction policies modules/hashing.py implements.
+HASHING_METHODS = METHODS
 
 
 def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingConfig") -> None:

@@ -163,7 +163,8 @@ def hashing_report(
             if feature.hashing.method == "managed":
                 distinct_ids = distinct_ids if feature.name in maps else None
             report[feature.name] = _feature_entry(
-                feature, group.embedding_dim, state_values, mapper, distinct_ids, maps.get(feature.name)
+                feature, group.embedding_dim, state_values, mapper, distinct_ids,
+                maps.get(feature.name),
             )
     return report
 

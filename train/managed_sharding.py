@@ -37,7 +37,9 @@ class ShardedManagedCollection(ShardedManagedCollisionEmbeddingBagCollection):
 
 
 @torch.no_grad()
-def reset_rows(module: ShardedManagedCollisionEmbeddingBagCollection, table: str, rows: torch.Tensor) -> None:
+def reset_rows(
+    module: ShardedManagedCollisionEmbeddingBagCollection, table: str, rows: torch.Tensor
+) -> None:
     """Give this rank's ``rows`` of ``table`` (shard-local indices) fresh weights from the
     table's init_fn and zero optimizer state, as TorchRec does on GPU."""
     tbe, logical_table_ids = module._table_to_tbe_and_index[table]
