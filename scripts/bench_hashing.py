@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from modules.id_mapping import HashingIdMapper  # noqa: E402
-from tests.helpers import compose_config  # noqa: E402
 from train.build import feature_groups  # noqa: E402
+from train.compose import compose_config  # noqa: E402
 from train.data import planted_data  # noqa: E402
 
 

@@ -207,7 +207,7 @@ def _feature_entry(
         "id_space": feature.id_space,
         "tables": {t.name: t.num_embeddings for t in tables},
         "rows": sum(t.num_embeddings for t in tables),
-        "buckets": sum(t.num_embeddings for t in tables),  # the DESIGN.md interface name
+        "buckets": sum(t.num_embeddings for t in tables),  # = rows, under the name other tools read
         "bytes_hashed": bytes_hashed,
         "bytes_full": bytes_full,
         "bytes_saved": bytes_full - bytes_hashed,
