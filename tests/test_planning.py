@@ -20,7 +20,7 @@ def test_mlperf_tables_fit_on_8_gpus_and_total_matches_published_size():
     assert weights == 204_184_588 * 128 * 4  # 104.5 GB, as published for MLPerf DLRM
     planned = sum(sum(t.bytes_per_rank.values()) for t in plan.placed)
     assert planned == weights + 204_184_588 * 4  # plus one row-wise Adagrad value per row
-    assert max(plan.hbm_bytes_per_rank) <= plan.hbm_cap_bytes
+    assert max(plan.hbm_bytes_per_rank) <= plan.caps.device_bytes
     assert {rank for t in plan.placed for rank in t.ranks} <= set(range(8))
 
 
@@ -33,7 +33,7 @@ def test_row_wise_plan_spreads_every_table_over_64_ranks():
 
 def test_plan_that_does_not_fit_exits_nonzero_naming_largest_tables(tmp_path):
     result = run_train(
-        [*MLPERF, "plan_topology.world_size=1", "plan_topology.host_bytes_per_rank=1000000000"],
+        [*MLPERF, "plan_topology.world_size=1", "plan_topology.host_memory_bytes=1000000000"],
         cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -24,6 +23,7 @@ from train.comms import embedding_sharder
 from train.managed_sharding import ManagedCollectionSharder
 from train.hashing import FrequencyFile, check_hashing_names, resolve_hashing
 from train.distributed import DistributedContext
+from train.memory_caps import MemoryCaps, local_memory_caps
 from train.optimizers import combined_optimizer, embedding_optimizer
 from train.sharding import (
     PlacedTable,
@@ -173,6 +173,7 @@ class ShardedJob:
     plan: ShardingPlan
     placed: list[PlacedTable]
     tables: list[TableInfo]
+    caps: MemoryCaps
 
 
 def plan_for(
@@ -180,9 +181,16 @@ def plan_for(
     groups: list[FeatureGroupSpec],
     unsharded: torch.nn.Module,
     context: DistributedContext,
-) -> tuple[ShardingPlan, list[PlacedTable], list[TableInfo]]:
+) -> tuple[ShardingPlan, list[PlacedTable], list[TableInfo], MemoryCaps]:
     tables = table_infos(groups)
     chosen = chosen_sharding(config, tables)
+    # The same rule as plan_only (train/memory_caps.py), read off this rank's own GPU and host.
+    caps = local_memory_caps(
+        context.device,
+        context.local_world_size,
+        config.sharding.hbm_cap_bytes,
+        config.sharding.ddr_cap_bytes,
+    )
     planner = build_planner(
         tables,
         chosen,
@@ -190,12 +198,13 @@ def plan_for(
         local_world_size=context.local_world_size,
         device=context.device,
         batch_size=config.trainer.batch_size,
-        hbm_cap_bytes=config.sharding.hbm_cap_bytes,
-        ddr_cap_bytes=config.sharding.ddr_cap_bytes,
+        caps=caps,
     )
-    plan = plan_sharding(unsharded, planner, job_sharders(config), dist.group.WORLD)
+    plan = plan_sharding(
+        unsharded, planner, job_sharders(config), groups, context.device.type, caps
+    )
     placed = placed_tables(plan, tables, context.world_size, config.optim.embedding)
-    return plan, placed, tables
+    return plan, placed, tables, caps
 
 
 def job_sharders(config: Config) -> list[ModuleSharder]:
@@ -247,10 +256,12 @@ def build_sharded_job(
     config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
 ) -> ShardedJob:
     unsharded = meta_model_with_fused_optimizer(config, groups, context.world_size)
-    plan, placed, tables = plan_for(config, groups, unsharded, context)
+    plan, placed, tables, caps = plan_for(config, groups, unsharded, context)
     model = DistributedModelParallel(
         module=unsharded, device=context.device, plan=plan, sharders=job_sharders(config)
     )
     init_tables(model, groups, config.trainer.seed)
     optimizer = combined_optimizer(model, config.optim)
-    return ShardedJob(model=model, optimizer=optimizer, plan=plan, placed=placed, tables=tables)
+    return ShardedJob(
+        model=model, optimizer=optimizer, plan=plan, placed=placed, tables=tables, caps=caps
+    )

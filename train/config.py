@@ -274,7 +274,8 @@ class ShardingConfig:
     tables: Dict[str, str] = field(default_factory=dict)
     # mixed: tables with more rows than this are row-wise, the rest table-wise.
     mixed_row_threshold: int = 100_000
-    # Planner memory caps per rank (bytes); null = what the device reports / TorchRec default.
+    # Planner memory caps per rank (bytes); null = the GPU's own memory, and the host's memory
+    # shared by its local ranks (train/memory_caps.py).
     hbm_cap_bytes: Optional[int] = None
     ddr_cap_bytes: Optional[int] = None
     # Pooled embeddings (forward) and their gradients (backward) between ranks: fp32, or
@@ -287,6 +288,9 @@ class ShardingConfig:
         for table, sharding_type in self.tables.items():
             _check_choice(f"sharding.tables.{table}", sharding_type, SHARDING_TYPES)
         _check_positive("sharding.mixed_row_threshold", self.mixed_row_threshold)
+        for key, cap in (("hbm_cap_bytes", self.hbm_cap_bytes), ("ddr_cap_bytes", self.ddr_cap_bytes)):
+            if cap is not None:
+                _check_positive(f"sharding.{key}", cap)
 
 
 @dataclass
@@ -405,15 +409,19 @@ class PlanTopologyConfig:
     local_world_size: int = 8
     # cuda (tables in device memory, spilling to host) or cpu.
     compute_device: str = "cuda"
-    # Memory per rank: device (HBM) and host (DDR).
-    hbm_bytes_per_rank: int = 80 * 1024**3
-    host_bytes_per_rank: int = 256 * 1024**3
+    # One GPU's memory (one GPU per rank) and one host's memory (shared by its
+    # local_world_size ranks); sharding.hbm_cap_bytes / ddr_cap_bytes override the caps per
+    # rank, as in a real job (train/memory_caps.py).
+    device_memory_bytes: int = 80 * 1024**3
+    host_memory_bytes: int = 2 * 1024**4
 
     def __post_init__(self) -> None:
         _check_choice("plan_topology.compute_device", self.compute_device, ("cuda", "cpu"))
         if self.world_size is not None:
             _check_positive("plan_topology.world_size", self.world_size)
         _check_positive("plan_topology.local_world_size", self.local_world_size)
+        _check_positive("plan_topology.device_memory_bytes", self.device_memory_bytes)
+        _check_positive("plan_topology.host_memory_bytes", self.host_memory_bytes)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Plan a job for a cluster you do not have: TorchRec's planner over a target topology.
 
 ``python -m train plan_only=true plan_topology.world_size=64`` runs the planner for 64 ranks of
-80 GB GPUs (by default) on one CPU machine, prints where every table goes and each rank's
-device (HBM) and host (DDR) memory, and says whether it fits. A plan that cannot fit exits
+80 GiB GPUs, 8 per host with 2 TiB of host memory each (by default), on one CPU machine,
+prints where every table goes and each rank's device (HBM) and host (DDR) memory, and says whether it fits. A plan that cannot fit exits
 non-zero, naming the largest tables and what would make them fit.
 """
 
@@ -11,22 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchrec.distributed.planner.types import PlannerError
 
-from modules.features import FLOAT32_BYTES, FeatureGroupSpec
+from modules.features import FeatureGroupSpec
 from train.build import chosen_sharding, job_sharders, meta_model_with_fused_optimizer
 from train.config import Config
+from train.memory_caps import MemoryCaps, memory_caps
 from train.sharding import (
     PlacedTable,
     build_planner,
     format_bytes,
     placed_tables,
+    plan_or_explain,
     table_infos,
 )
-
-
-class PlanDoesNotFit(Exception):
-    """The tables cannot be placed within the target topology's memory."""
 
 
 @dataclass
@@ -34,22 +31,9 @@ class TargetPlan:
     placed: list[PlacedTable]
     hbm_bytes_per_rank: list[int]
     host_bytes_per_rank: list[int]
-    hbm_cap_bytes: int
-    host_cap_bytes: int
+    caps: MemoryCaps
     world_size: int
     compute_device: str
-
-
-def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
-    tables = sorted(
-        ((f.num_embeddings * g.embedding_dim * FLOAT32_BYTES, f, g) for g in groups for f in g.features),
-        key=lambda item: item[0],
-        reverse=True,
-    )[:count]
-    return ", ".join(
-        f"{f.name} ({f.num_embeddings:,} rows x {g.embedding_dim} = {format_bytes(size)})"
-        for size, f, g in tables
-    )
 
 
 def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetPlan:
@@ -58,28 +42,29 @@ def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetP
     model = meta_model_with_fused_optimizer(config, groups, target.world_size)
     tables = table_infos(groups)
     chosen = chosen_sharding(config, tables)
+    local_world_size = min(target.local_world_size, target.world_size)
+    # The same rule as a real job (train/memory_caps.py), on the memory the target declares.
+    caps = memory_caps(
+        target.compute_device,
+        target.device_memory_bytes,
+        target.host_memory_bytes,
+        local_world_size,
+        config.sharding.hbm_cap_bytes,
+        config.sharding.ddr_cap_bytes,
+    )
     planner = build_planner(
         tables,
         chosen,
         world_size=target.world_size,
-        local_world_size=min(target.local_world_size, target.world_size),
+        local_world_size=local_world_size,
         device=torch.device(target.compute_device),
         batch_size=config.trainer.batch_size,
-        hbm_cap_bytes=target.hbm_bytes_per_rank if target.compute_device == "cuda" else None,
-        ddr_cap_bytes=target.host_bytes_per_rank,
+        caps=caps,
     )
-    try:
-        plan = planner.plan(model, job_sharders(config))
-    except PlannerError as error:
-        text = str(error).strip()
-        first_line = (text.splitlines()[0] if text else type(error).__name__).rstrip(". ")
-        raise PlanDoesNotFit(
-            f"the tables do not fit on {target.world_size} x {target.compute_device} ranks "
-            f"({format_bytes(target.hbm_bytes_per_rank)} device, "
-            f"{format_bytes(target.host_bytes_per_rank)} host memory each): {first_line}. "
-            f"Largest tables: {_largest_tables(groups)}. Hash them into fewer rows "
-            f"(hashing config) or plan for more ranks (plan_topology.world_size)."
-        ) from None
+    plan = plan_or_explain(
+        lambda: planner.plan(model, job_sharders(config)), groups, target.world_size,
+        target.compute_device, caps,
+    )
     hbm = [0] * target.world_size
     host = [0] * target.world_size
     # The planner's storage estimate per shard (weights, optimizer state, I/O buffers) is only
@@ -93,8 +78,7 @@ def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetP
         placed=placed_tables(plan, tables, target.world_size, config.optim.embedding),
         hbm_bytes_per_rank=hbm,
         host_bytes_per_rank=host,
-        hbm_cap_bytes=target.hbm_bytes_per_rank,
-        host_cap_bytes=target.host_bytes_per_rank,
+        caps=caps,
         world_size=target.world_size,
         compute_device=target.compute_device,
     )
@@ -110,8 +94,9 @@ def format_memory(plan: TargetPlan) -> str:
             lines.append(f"{'...':>6}")
         lines.append(
             f"{rank:>6} {format_bytes(plan.hbm_bytes_per_rank[rank]):>14} "
-            f"{format_bytes(plan.hbm_cap_bytes):>10} {format_bytes(plan.host_bytes_per_rank[rank]):>14} "
-            f"{format_bytes(plan.host_cap_bytes):>10}"
+            f"{format_bytes(plan.caps.device_bytes):>10} "
+            f"{format_bytes(plan.host_bytes_per_rank[rank]):>14} "
+            f"{format_bytes(plan.caps.host_bytes):>10}"
         )
     total_weights = sum(sum(t.bytes_per_rank.values()) for t in plan.placed)
     lines.append(

@@ -18,14 +18,19 @@ from train.build import build_sharded_job, dense_autocast, feature_groups
 from train.data import build_data_source
 from train.config import Config
 from train.cpu_affinity import pin_local_rank
-from train.distributed import DistributedContext, init_distributed, shutdown_distributed
+from train.distributed import (
+    DistributedContext,
+    LaunchError,
+    init_distributed,
+    shutdown_distributed,
+)
 from train.hashing import format_hashing, hashing_report
 from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
 from train.checkpoint_policy import CheckpointPolicy
 from train.loop import Trainer, TrainingStopped
 from train.metrics_logger import hashing_metrics, start_run_logging
 from train.optimizers import WarmupDecaySchedule
-from train.planning import PlanDoesNotFit, format_memory, plan_for_topology
+from train.planning import format_memory, plan_for_topology
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import (
@@ -99,7 +104,10 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
     """Train (or only plan) the job described by ``cfg``; returns the summary."""
     config, groups = validated(cfg)
     quiet_library_logs()
-    context = init_distributed()
+    try:
+        context = init_distributed(config.trainer.dist_timeout_s)
+    except LaunchError as error:  # a venv that does not fit this node, a bad node list
+        raise ConfigError(str(error)) from None
     try:
         return _run(config, groups, context, Path(run_dir))
     finally:
@@ -115,11 +123,10 @@ def _plan_target(config: Config, groups, context: DistributedContext, say) -> di
     )
     try:
         plan = plan_for_topology(config, groups)
-    except ValueError as error:
+    except ValueError as error:  # PlanDoesNotFit included
         raise ConfigError(str(error)) from error
-    except PlanDoesNotFit as error:
-        raise ConfigError(f"plan does not fit: {error}") from error
     say("sharding plan\n" + format_plan(plan.placed, target.world_size))
+    say(plan.caps.describe())
     say("memory per rank\n" + format_memory(plan))
     say("the plan fits")
     return {
@@ -147,6 +154,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     except ValueError as error:  # sharding choices and model shapes the config asked for
         raise ConfigError(str(error)) from error
     say("sharding plan\n" + format_plan(job.placed, context.world_size))
+    say(job.caps.describe())
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     sharding = {
         table.name: {"type": table.sharding_type, "ranks": table.ranks} for table in job.placed

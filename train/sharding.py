@@ -10,17 +10,22 @@ sharding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from modules.hashing import feature_tables
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
+from train.collectives import on_rank_zero
+
+if TYPE_CHECKING:  # memory_caps imports format_bytes from here
+    from train.memory_caps import MemoryCaps
 
 # Optimizer state per table row, in float32 values, as a function of the embedding dim.
 OPTIMIZER_STATE_VALUES_PER_ROW = {
@@ -130,10 +135,10 @@ def build_planner(
     local_world_size: int,
     device: torch.device,
     batch_size: int,
-    hbm_cap_bytes: int | None,
-    ddr_cap_bytes: int | None,
+    caps: MemoryCaps,
 ) -> EmbeddingShardingPlanner:
-    """A planner over the real topology, constrained to the chosen sharding types."""
+    """A planner over the topology, constrained to the chosen sharding types, with memory
+    caps per rank from train/memory_caps.py (never TorchRec's fixed defaults)."""
     constraints = {
         table.name: ParameterConstraints(
             sharding_types=[chosen[table.name]],
@@ -148,22 +153,68 @@ def build_planner(
         world_size=world_size,
         local_world_size=local_world_size,
         compute_device=device.type,
-        hbm_cap=hbm_cap_bytes,
-        ddr_cap=ddr_cap_bytes,
+        hbm_cap=caps.device_bytes,
+        ddr_cap=caps.host_bytes,
     )
     return EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size, constraints=constraints, debug=False
     )
 
 
+class PlanDoesNotFit(ValueError):
+    """The tables cannot be placed within the ranks' memory; the message says what would help."""
+
+
+def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
+    tables = sorted(
+        ((f.num_embeddings * g.embedding_dim * FLOAT32_BYTES, f, g) for g in groups for f in g.features),
+        key=lambda item: item[0],
+        reverse=True,
+    )[:count]
+    return ", ".join(
+        f"{f.name} ({f.num_embeddings:,} rows x {g.embedding_dim} = {format_bytes(size)})"
+        for size, f, g in tables
+    )
+
+
+def plan_or_explain(
+    make_plan: Callable[[], ShardingPlan],
+    groups: list[FeatureGroupSpec],
+    world_size: int,
+    compute_device: str,
+    caps: MemoryCaps,
+) -> ShardingPlan:
+    """``make_plan()``, or PlanDoesNotFit naming the caps, the largest tables and the fixes
+    instead of TorchRec's multi-line PlannerError."""
+    try:
+        return make_plan()
+    except PlannerError as error:
+        text = str(error).strip()
+        first_line = (text.splitlines()[0] if text else type(error).__name__).rstrip(". ")
+        raise PlanDoesNotFit(
+            f"plan does not fit: the tables do not fit on {world_size} x {compute_device} ranks "
+            f"({format_bytes(caps.device_bytes)} device, {format_bytes(caps.host_bytes)} host "
+            f"memory each): {first_line}. Largest tables: {_largest_tables(groups)}. Hash them "
+            f"into fewer rows (hashing config) or plan for more ranks (plan_topology.world_size)."
+        ) from None
+
+
 def plan_sharding(
     model: nn.Module,
     planner: EmbeddingShardingPlanner,
     sharders: list[ModuleSharder],
-    pg: dist.ProcessGroup | None,
+    groups: list[FeatureGroupSpec],
+    device_type: str,
+    caps: MemoryCaps,
 ) -> ShardingPlan:
-    """Plan on rank 0 and broadcast, so every rank shards the same way."""
-    return planner.collective_plan(model, sharders, pg)
+    """Plan on rank 0 and hand the plan, or the reason there is none, to every rank (TorchRec's
+    collective_plan would leave the other ranks waiting when rank 0's planner raises)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    plan = on_rank_zero(
+        plan_or_explain, lambda: planner.plan(model, sharders), groups, world_size, device_type,
+        caps,
+    )
+    return plan
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,20 @@ _LOW32 = (1 << 32) - 1
 
 
 def _block_sums(name: str, tensor: torch.Tensor, row_offset: int, col_offset: int, full_cols: int) -> torch.Tensor:
-    """[2] int64: the two 32-bit lane sums of one block's contributions."""
+    """[2] int64 on the block's device: the two 32-bit lane sums of its contributions. The
+    hashing runs where the block lives (GPU shards are never copied to the host), chunk by
+    chunk, so its memory stays bounded and its time is one pass over the state."""
     salt = seed_salt("state-digest", name)
     flat = tensor.detach().reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.detach().reshape(-1, 1)
     num_rows, num_cols = flat.shape
-    sums = torch.zeros(2, dtype=torch.int64)
+    device = flat.device
+    sums = torch.zeros(2, dtype=torch.int64, device=device)
     rows_per_chunk = max(1, _CHUNK // max(1, num_cols))
-    columns = torch.arange(col_offset, col_offset + num_cols, dtype=torch.int64)
+    columns = torch.arange(col_offset, col_offset + num_cols, dtype=torch.int64, device=device)
     for start in range(0, num_rows, rows_per_chunk):
-        chunk = flat[start : start + rows_per_chunk].cpu()
-        rows = torch.arange(row_offset + start, row_offset + start + chunk.shape[0], dtype=torch.int64)
+        chunk = flat[start : start + rows_per_chunk]
+        rows = torch.arange(row_offset + start, row_offset + start + chunk.shape[0],
+                            dtype=torch.int64, device=device)
         index = rows.unsqueeze(1) * full_cols + columns
         bits = chunk.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _LOW32
         mixed = hash64(hash64(index, salt) ^ bits)
@@ -69,7 +73,8 @@ def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) 
             tensor = block.tensor
             if tensor.dim() == 0:
                 tensor = tensor.reshape(1)
-            sums = (sums + _block_sums(name, tensor, block.row_offset, block.column_offset, full_cols)) & _LOW32
+            block_sums = _block_sums(name, tensor, block.row_offset, block.column_offset, full_cols)
+            sums = (sums + block_sums.cpu()) & _LOW32
     if dist.is_initialized():
         sums = sums.to(collective_device())
         dist.all_reduce(sums)
