@@ -367,9 +367,14 @@ class TrainerConfig:
     # auto: on CPU with several ranks per host, each rank (its gloo and prefetch threads too)
     # gets its own share of the cores (train/cpu_affinity.py); none: the OS places them.
     cpu_affinity: str = "auto"
+    # Seconds the process group's rendezvous and each collective may wait for a rank before
+    # the job fails (NCCL's own default is 10 minutes); generous, as rank 0 alone may
+    # preprocess data or write files while the others wait at the next collective.
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
+        _check_positive("trainer.dist_timeout_s", self.dist_timeout_s)
         _check_positive("trainer.batch_size", self.batch_size)
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.cpu_affinity", self.cpu_affinity, ("auto", "none"))
