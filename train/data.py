@@ -12,14 +12,13 @@ import hashlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from modules.tabular import BadRowError
 from modules.criteo_preprocess import preprocess
 from modules.data_sources import CriteoSource, DataSource, ParquetSource, PlantedSource
 from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
+from train.collectives import on_rank_zero
 from train.config import Config
 from train.distributed import DistributedContext
 from train.loop import gather_concat
@@ -69,25 +68,20 @@ def _cache_key(path: Path, on_bad_row: str) -> str:
     return f"{path.name.replace('.', '_')}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
-def criteo_split_dir(path: Path, config: Config, context: DistributedContext) -> Path:
+def criteo_split_dir(path: Path, config: Config) -> Path:
     """A preprocessed split directory for ``path``, preprocessing a raw file on rank 0."""
     if path.is_dir() or not path.name.endswith(RAW_SUFFIXES):
         return path
     out_dir = Path(config.data.cache_dir) / _cache_key(path, config.data.on_bad_row)
-    error = None
-    if context.is_main and not (out_dir / "manifest.json").exists():
-        try:
-            preprocess([path], out_dir, workers=1, skip_bad_rows=config.data.on_bad_row == "skip",
-                       progress=False)
-        except (BadRowError, OSError) as caught:
-            error = str(caught)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # Every rank learns whether rank 0 succeeded, instead of waiting forever.
-        status = [error]
-        dist.broadcast_object_list(status, src=0)
-        error = status[0]
-    if error:
-        raise BadRowError(error)
+
+    def preprocess_once() -> None:
+        if not (out_dir / "manifest.json").exists():
+            preprocess([path], out_dir, workers=1,
+                       skip_bad_rows=config.data.on_bad_row == "skip", progress=False)
+
+    # Rank 0 preprocesses while the others wait (on a long-timeout group: this can take far
+    # longer than a collective's timeout); a bad row or an I/O error reaches every rank.
+    on_rank_zero(preprocess_once)
     return out_dir
 
 
@@ -106,8 +100,8 @@ def build_data_source(
     eval_path = existing_path(data.eval_path, "data.eval_path")
     if data.source == "criteo":
         source: DataSource = CriteoSource(
-            criteo_split_dir(train_path, config, context),
-            criteo_split_dir(eval_path, config, context),
+            criteo_split_dir(train_path, config),
+            criteo_split_dir(eval_path, config),
             groups,
             config.trainer.batch_size,
             config.features.num_dense_features,
