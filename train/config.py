@@ -364,8 +364,9 @@ class TrainerConfig:
     precision: str = "auto"
     # none | auto (the latest intact checkpoint of the run directory, if any) | a checkpoint path.
     resume: str = "none"
-    # auto: on CPU with several ranks per host, each rank (its gloo and prefetch threads too)
-    # gets its own share of the cores (train/cpu_affinity.py); none: the OS places them.
+    # auto: with several ranks per host, each rank (its gloo and prefetch threads too) gets
+    # its own share of the cores, near its GPU on GPU nodes, and runs as many intra-op
+    # threads (train/cpu_affinity.py); none: the OS places them, OMP_NUM_THREADS sets threads.
     cpu_affinity: str = "auto"
     # Seconds the process group's rendezvous and each collective may wait for a rank before
     # the job fails (NCCL's own default is 10 minutes); generous, as rank 0 alone may

@@ -181,11 +181,12 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     # W&B + metrics.jsonl on rank 0 (no-op elsewhere): config, system facts, plan table.
     metrics = start_run_logging(config, context, run_dir, job.placed)
     # After W&B has started its service process, which would otherwise share rank 0's cores.
-    if context.device.type == "cpu" and config.trainer.cpu_affinity == "auto":
-        cores = pin_local_rank(context.local_rank, context.local_world_size)  # a collective
+    # A collective; GPU ranks get cores near their GPU.
+    if config.trainer.cpu_affinity == "auto":
+        cores = pin_local_rank(context.local_rank, context.local_world_size, context.device)
         if cores is not None:
             say(f"cpu affinity: each of the {context.local_world_size} ranks on a host "
-                f"pinned to {len(cores)} core(s) of its own")
+                f"pinned to {len(cores)} CPU(s) of its own, one intra-op thread per core")
     hashing_at_eval: dict = {}
     # Managed features' rows follow their live maps: measure them again at every eval.
     has_managed = any(f.hashing.method == "managed" for g in groups for f in g.features)
