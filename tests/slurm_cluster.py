@@ -35,6 +35,12 @@ SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
 JobCompType=jobcomp/none
+# Pre-emption tests requeue jobs: allow it; a requeued job becomes eligible again after the
+# credential lifetime (120 s by default, 5 s here) and starts at the next scheduling pass
+# (every 60 s by default, every 2 s here).
+JobRequeue=1
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=2,bf_interval=1
 NodeName=localhost CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """

@@ -5,6 +5,10 @@ scripts ask Slurm for before the time limit) only set a flag. The ranks agree on
 all-reduce every ``signal_check_every`` steps, so they all save the same step and stop
 together; a signal is never acted on by one rank alone, which would deadlock the others in
 the next collective.
+
+A handler that was in place before (submitit's, in a hydra-submitit-launcher sweep job) is
+not lost: it gets the signal after the checkpoint is safe (``hand_on_signals``), so a
+timed-out sweep point is requeued by submitit instead of being recorded as failed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class CheckpointPolicy:
         self.say = say
         self.signal_received: int | None = None
         self.last_saved_step: int | None = None
+        # For hand_on_signals(): the stop signals received, in order, and the handlers that
+        # signals() replaced.
+        self.signals_received: list[int] = []
+        self.previous_handlers: dict[int, object] = {}
 
     def save(self, step: int) -> None:
         path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.config.keep)
@@ -68,10 +76,32 @@ class CheckpointPolicy:
 
         def handler(signum: int, _frame) -> None:
             self.signal_received = signum
+            if signum not in self.signals_received:
+                self.signals_received.append(signum)
 
-        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        self.previous_handlers = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            for sig, old in previous.items():
+            for sig, old in self.previous_handlers.items():
                 signal.signal(sig, old)
+
+    def hand_on_signals(self) -> None:
+        """Give each signal that stopped training to the Python handler signals() replaced.
+
+        Call it once training has stopped and its checkpoint is complete. The handler then does
+        what it would have done without hashrec, only later: submitit's (every sweep job runs
+        under it) checkpoints the sweep point's submission, requeues the job from rank 0 and
+        exits; on the other ranks it does nothing. Default actions (no Python handler: plain
+        torchrun, srun, sbatch) are not replayed, as they would only kill a process that is
+        about to exit with 143 anyway.
+        """
+        for signum in self.signals_received:
+            previous = self.previous_handlers.get(signum)
+            if callable(previous):
+                name = getattr(previous, "__qualname__", repr(previous))
+                self.say(
+                    f"checkpoint of step {self.last_saved_step} saved; handing "
+                    f"{signal.Signals(signum).name} on to {name}"
+                )
+                previous(signum, None)

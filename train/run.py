@@ -235,6 +235,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         checkpoints.at_end(result.steps)
     except TrainingStopped as stopped:
         metrics.finish(None, exit_code=STOPPED_EXIT_CODE)
+        checkpoints.hand_on_signals()  # in a submitit sweep job: requeue it (rank 0 exits here)
         raise Stopped(
             f"stopped by signal at step {stopped.args[0]}; resume with trainer.resume=auto"
         ) from None
