@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from train.install_check import (
     seen_on_this_node,
     use_cuda,
 )
+from train.run_dir import run_id
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -325,6 +327,31 @@ def test_make_setup_accel(tmp_path):
     assert "bash scripts/gpu_check.sh" in make_dry_run(cpu_venv, "gpu-check").stdout
     wrong = make_dry_run(cpu_venv, "setup", "ACCEL=gpu")
     assert wrong.returncode != 0 and "ACCEL=gpu is not one of auto, cuda, cpu" in wrong.stderr
+
+
+# --- the run directory of a job over several torchrun agents ----------------------------------
+
+
+def test_run_dir_over_several_nodes_needs_a_rendezvous_id(monkeypatch, capsys):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    # torchrun's static rendezvous (--nnodes 2 --node_rank 1 --master_addr ...): no id.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stopped:
+        run_id()
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "hashrec: error: torchrun runs 4 ranks over several nodes" in lines[0]
+    assert "--rdzv_id" in lines[0]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert run_id() == "torchrun-job-7"
+    # One node: its agent's start time, shared by its ranks.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", run_id())
 
 
 # --- one job over two torchrun agents --------------------------------------------------------

@@ -4,11 +4,15 @@ Each rank composes the Hydra config on its own, so a plain ``${now:}`` run direc
 differ by a second between ranks. The directory is keyed instead by something all ranks of
 one launch share: the Slurm job id, torchrun's rendezvous id, or the start time of the
 torchrun agent (the parent of every local rank); a lone process uses the current time.
+Several torchrun agents (nodes) without a rendezvous id (``--nnodes 2 --node_rank ...
+--master_addr ...``, torchrun's static rendezvous) share nothing of the kind: that is an
+error, not a directory per node.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 
 
@@ -37,6 +41,18 @@ def run_id() -> str:
     rendezvous_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if rendezvous_id not in ("", "none"):
         return f"torchrun-{rendezvous_id}"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if "TORCHELASTIC_RUN_ID" in os.environ and world_size > local_world_size:
+        # Exit here, in Hydra's resolver, with one line: an exception would come out of
+        # OmegaConf and Hydra as a long traceback, before hashrec's own error handling runs.
+        print(
+            f"hashrec: error: torchrun runs {world_size} ranks over several nodes without a "
+            f"rendezvous id, so they cannot agree on a run directory: pass --rdzv_id=<job id> "
+            f"(with --rdzv_backend=c10d, as slurm/train.sbatch does) or hydra.run.dir=<dir>",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     started = None
     if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         started = _process_start_time(os.getppid())
