@@ -197,21 +197,19 @@ def init_distributed(timeout_s: float) -> DistributedContext:
     if not dist.is_initialized():
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if launch.launcher == "torchrun" and restart != "0":
-            dist.init_process_group(
-                backend=backend,
-                store=_restart_store(launch, restart, timeout),
-                rank=launch.rank,
-                world_size=launch.world_size,
-                timeout=timeout,
-            )
+            rendezvous = {"store": _restart_store(launch, restart, timeout)}
         else:
-            dist.init_process_group(
-                backend=backend,
-                init_method="env://",
-                rank=launch.rank,
-                world_size=launch.world_size,
-                timeout=timeout,
-            )
+            rendezvous = {"init_method": "env://"}
+        dist.init_process_group(
+            backend=backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+            # nccl: form the communicator now on this rank's GPU, so a broken NCCL set-up
+            # fails here rather than at the first collective, and barriers know the device.
+            device_id=device if backend == "nccl" else None,
+            **rendezvous,
+        )
     return DistributedContext(
         rank=launch.rank,
         world_size=launch.world_size,
