@@ -1,4 +1,4 @@
-"""The batch that flows through TorchRec's train pipeline."""
+"""The batch that flows through TorchRec's train pipeline, and how its KJTs are built."""
 
 from __future__ import annotations
 
@@ -7,6 +7,40 @@ from dataclasses import dataclass
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+
+def host_kjt(
+    keys: list[str],
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    length_per_key: list[int],
+    stride: int,
+) -> KeyedJaggedTensor:
+    """A KJT built on the host with its per-key sizes already known.
+
+    ``KeyedJaggedTensor.length_per_key()`` / ``offset_per_key()`` compute from the lengths with
+    ``.tolist()`` when the KJT was built without them: on a GPU that is a host-device sync in
+    every step (the ID mappers and TorchRec's input dist ask for them). Batches are made on
+    the host, where the sizes cost nothing; ``KeyedJaggedTensor.to`` and ``pin_memory`` carry
+    them over to the device copy.
+
+    Args:
+        values: int64 [sum(length_per_key)], key after key.
+        lengths: int32 [len(keys) * stride], key after key.
+        length_per_key: IDs per key, [len(keys)].
+        stride: samples per key (B).
+    """
+    offset_per_key = [0]
+    for length in length_per_key:
+        offset_per_key.append(offset_per_key[-1] + length)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=lengths,
+        stride=stride,
+        length_per_key=length_per_key,
+        offset_per_key=offset_per_key,
+    )
 
 
 @dataclass

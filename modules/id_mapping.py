@@ -14,6 +14,13 @@ or QR parts) has parameters (salt, whether to hash, moduli, divisor, row offset)
     row  = ((base mod m1) div d) mod m2 + offset
 
 so the default job pays one hash over all its IDs, not one small kernel chain per feature.
+
+No host-device sync in ``forward``: the lengths per key come from the host with the KJT (the
+data sources build every KJT with them), and the counts that size the per-value parameters are
+summed on the device. The range check of method ``none`` is immediate by default (a
+``bool(tensor)``, a sync on GPU); a training loop switches it to *deferred* (see
+``defer_range_errors``), where the first bad ID is recorded on the device and raised later, at
+a step that syncs anyway.
 """
 
 from __future__ import annotations
@@ -113,7 +120,10 @@ class HashingIdMapper(nn.Module):
         # Output key -> index of the input feature it reads.
         self.source_index = source
         self.expands = self.output_keys != self.input_keys
-        self.has_range_check = any(f.hashing.method == "none" for f in features)
+        self.has_range_check = any(f.hashing.method == "none" for _, f in features_mapped)
+        # Deferred range errors (set by the training loop): forward records the first bad ID in
+        # ``out_of_range`` instead of raising; ``out_of_range_error`` turns it into the error.
+        self.defer_range_errors = False
         self.hashes = any(column[_USE_HASH] for column in columns)
         self.factorises = any(c[_DIV] != 1 or c[_MOD2] != c[_MOD1] for c in columns)
         # A buffer so it follows the model to its device; [8, num_output_keys].
@@ -124,6 +134,8 @@ class HashingIdMapper(nn.Module):
         self.register_buffer(
             "source", torch.tensor(source, dtype=torch.int64), persistent=False
         )
+        # The first out-of-range ID met in deferred mode: (found 0/1, output key index, raw ID).
+        self.register_buffer("out_of_range", torch.zeros(3, dtype=torch.int64), persistent=False)
         # Frequency features: their IDs sorted (for searchsorted) and each one's own row.
         # Persistent: the mapping is part of the model and saved with it.
         self.frequency_keys: list[int] = []
@@ -142,9 +154,15 @@ class HashingIdMapper(nn.Module):
             raise ValueError(
                 f"id mapper expects keys {self.input_keys}, got {features.keys()}"
             )
-        # length_per_key() is computed on the host from the lengths (TorchRec caches it).
+        # Host lists: free when the KJT was built with them (every data source does); else
+        # TorchRec computes them from the lengths with .tolist(), a host-device sync on GPU.
         input_lengths_per_key = features.length_per_key()
         values, lengths = features.values(), features.lengths()
+        stride = features.stride()
+        # IDs per output key on the device, to size the per-value parameters: summing the
+        # lengths there avoids copying the host list to the device (a blocking copy from
+        # pageable memory) in every step.
+        ids_per_key = lengths.view(len(self.input_keys), stride).sum(dim=1)
         if self.expands:
             offsets = features.offset_per_key()
             values = torch.cat(
@@ -152,21 +170,21 @@ class HashingIdMapper(nn.Module):
             )
             lengths = lengths.view(len(self.input_keys), -1)[self.source].reshape(-1)
             lengths_per_key = [input_lengths_per_key[s] for s in self.source_index]
+            ids_per_key = ids_per_key[self.source]
         else:
             lengths_per_key = input_lengths_per_key
         parameters = torch.repeat_interleave(
-            self.key_parameters,
-            torch.tensor(lengths_per_key, device=values.device),
-            dim=1,
-            output_size=values.numel(),
+            self.key_parameters, ids_per_key, dim=1, output_size=values.numel()
         )
         if self.has_range_check:
-            self._check_range(values, parameters, lengths_per_key)
+            self._check_range(values, parameters, lengths_per_key, ids_per_key)
         base = values
         if self.hashes:
             # hash64 with a per-value salt: splitmix64(id xor salt of its key or probe).
             hashed = non_negative(splitmix64(values ^ parameters[_SALT]))
             base = torch.where(parameters[_USE_HASH].bool(), hashed, values)
+        # For method none, mod1 is the table's rows: even an out-of-range ID that is only
+        # recorded (deferred mode) lands on a real row, so no lookup kernel reads out of bounds.
         rows = torch.remainder(base, parameters[_MOD1])
         if self.factorises:
             rows = torch.remainder(torch.div(rows, parameters[_DIV], rounding_mode="floor"),
@@ -178,36 +196,69 @@ class HashingIdMapper(nn.Module):
             keys=self.output_keys,
             values=rows,
             lengths=lengths,
-            stride=features.stride(),
+            stride=stride,
+            # Carried on, so the sharded collection's input dist need not recompute them.
             length_per_key=lengths_per_key,
+            offset_per_key=_cumulative(lengths_per_key),
         )
 
     def _check_range(
-        self, values: torch.Tensor, parameters: torch.Tensor, lengths_per_key: list[int]
+        self,
+        values: torch.Tensor,
+        parameters: torch.Tensor,
+        lengths_per_key: list[int],
+        ids_per_key: torch.Tensor,
     ) -> None:
-        """Method ``none``: IDs outside [0, rows) are an input error, never a silent wrap or a
-        crash inside the lookup kernel. ``.any()`` is a host-device sync on GPU."""
+        """Method ``none``: IDs outside [0, rows) are an input error, never a silent wrap.
+
+        Immediate mode raises here; ``bool(bad.any())`` is a host-device sync on GPU, fine for
+        tools and tests. Deferred mode (training) keeps the step free of syncs: the first bad
+        ID is recorded on the device, with ops only, and raised at the next step that syncs
+        anyway (see ``out_of_range_error``).
+        """
         bad = (values < parameters[_LOWER]) | (values > parameters[_UPPER])
+        if self.defer_range_errors:
+            if values.numel() > 0:  # host metadata: no sync
+                self._record_first_bad(values, bad, ids_per_key)
+            return
         if bool(bad.any()):
             position = int(torch.nonzero(bad)[0])
             key_index, start = 0, 0
             while start + lengths_per_key[key_index] <= position:
                 start += lengths_per_key[key_index]
                 key_index += 1
-            rows = int(parameters[_UPPER, position]) + 1
-            raise IdOutOfRangeError(
-                f"feature {self.output_keys[key_index]} (hashing none): raw ID "
-                f"{int(values[position])} is outside [0, {rows}); use hashing modulo or hash "
-                f"for IDs that are not already row numbers"
-            )
+            raise self._error(key_index, int(values[position]))
+
+    def _record_first_bad(
+        self, values: torch.Tensor, bad: torch.Tensor, ids_per_key: torch.Tensor
+    ) -> None:
+        """Device ops only: keep the first (found, key index, raw ID) until it is read."""
+        found = bad.any()
+        position = torch.argmax(bad.to(torch.int32)).view(1)  # the first True (or 0)
+        key_index = (torch.cumsum(ids_per_key, dim=0) <= position).sum().view(1)
+        candidate = torch.cat(
+            [found.view(1).to(torch.int64), key_index, values.gather(0, position)]
+        )
+        already = self.out_of_range[0] != 0
+        self.out_of_range.copy_(torch.where(already, self.out_of_range, candidate))
+
+    def out_of_range_error(self, record: list[int]) -> IdOutOfRangeError | None:
+        """The error a record read from ``out_of_range`` stands for (None: no bad ID)."""
+        found, key_index, raw_id = record
+        return self._error(key_index, raw_id) if found else None
+
+    def _error(self, key_index: int, raw_id: int) -> IdOutOfRangeError:
+        rows = int(self.key_parameters[_UPPER, key_index]) + 1
+        return IdOutOfRangeError(
+            f"feature {self.output_keys[key_index]} (hashing none): raw ID {raw_id} is outside "
+            f"[0, {rows}); use hashing modulo or hash for IDs that are not already row numbers"
+        )
 
     def _frequent_rows(
         self, values: torch.Tensor, rows: torch.Tensor, lengths_per_key: list[int]
     ) -> torch.Tensor:
         """Frequent IDs take their own row (their rank); the rest keep their hashed row."""
-        starts = [0]
-        for length in lengths_per_key:
-            starts.append(starts[-1] + length)
+        starts = _cumulative(lengths_per_key)
         pieces = []
         previous = 0
         for key_index in self.frequency_keys:
@@ -217,7 +268,8 @@ class HashingIdMapper(nn.Module):
             ids = values[start:stop]
             position = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
             found = sorted_ids[position] == ids
-            pieces += [rows[previous:start], torch.where(found, own_rows[position], rows[start:stop])]
+            own = torch.where(found, own_rows[position], rows[start:stop])
+            pieces += [rows[previous:start], own]
             previous = stop
         pieces.append(rows[previous:])
         return torch.cat(pieces)
@@ -243,6 +295,13 @@ class HashingIdMapper(nn.Module):
             if self.input_keys[s] == feature_name
         ]
         return torch.stack([mapped[key].values() for key in keys], dim=1)
+
+
+def _cumulative(lengths: list[int]) -> list[int]:
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return offsets
 
 
 class IdOutOfRangeError(ValueError):

@@ -22,9 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from modules.batch import Batch
+from modules.batch import Batch, host_kjt
 from modules.features import FeatureGroupSpec, FeatureSpec, all_features
 from modules.hash_functions import non_negative, seed_salt, splitmix64
 
@@ -155,14 +154,15 @@ class PlantedClickData:
         ).repeat_interleave(B).unsqueeze(1)
         self._feature_weight = torch.tensor([f.signal_weight for f in self.features]).view(-1, 1, 1)
         # The KJT of a group is a contiguous slice of the values; its lengths never change.
-        self._group_slices: list[tuple[FeatureGroupSpec, int, int, torch.Tensor]] = []
+        self._group_slices: list[tuple[FeatureGroupSpec, int, int, torch.Tensor, list[int]]] = []
         start = 0
         for group in self.groups:
-            size = sum(B * f.ids_per_sample for f in group.features)
+            length_per_key = [B * f.ids_per_sample for f in group.features]
+            size = sum(length_per_key)
             lengths = torch.cat(
                 [torch.full((B,), f.ids_per_sample, dtype=torch.int32) for f in group.features]
             )
-            self._group_slices.append((group, start, start + size, lengths))
+            self._group_slices.append((group, start, start + size, lengths, length_per_key))
             start += size
 
     def _raw_ids(self, uniforms: torch.Tensor) -> torch.Tensor:
@@ -205,10 +205,9 @@ class PlantedClickData:
         batch = Batch(
             dense_features=dense,
             sparse_features={
-                group.name: KeyedJaggedTensor(
-                    keys=group.feature_names, values=raw_ids[start:stop], lengths=lengths
-                )
-                for group, start, stop, lengths in self._group_slices
+                group.name: host_kjt(group.feature_names, raw_ids[start:stop], lengths,
+                                     length_per_key, num_samples)
+                for group, start, stop, lengths, length_per_key in self._group_slices
             },
             labels=labels,
         )

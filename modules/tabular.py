@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from modules.batch import Batch
+from modules.batch import Batch, host_kjt
 from modules.features import FeatureGroupSpec
 
 MISSING_ID = -1  # an empty categorical value: an empty bag, not an ID
@@ -53,6 +52,7 @@ def columns_to_batch(
             (that sample's bag for the feature is empty: pooled to a zero vector).
     """
     sparse = {}
+    num_rows = len(labels)
     for group in groups:
         values, lengths = [], []
         for feature in group.features:
@@ -60,8 +60,10 @@ def columns_to_batch(
             present = column != MISSING_ID
             values.append(torch.from_numpy(column[present]))
             lengths.append(torch.from_numpy(present.astype(np.int32)))
-        sparse[group.name] = KeyedJaggedTensor(
-            keys=group.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
+        # IDs per feature, counted here on the host (see host_kjt).
+        sparse[group.name] = host_kjt(
+            group.feature_names, torch.cat(values), torch.cat(lengths),
+            [piece.numel() for piece in values], num_rows,
         )
     return Batch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -18,6 +20,7 @@ from modules.hash_combine import PooledCombiner
 from modules.hash_functions import hash64, non_negative, seed_salt
 from modules.hashing import HashingSpec, feature_keys, qr_remainder_rows
 from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
+from tests.helpers import TINY, run_train
 from train.frequency_counts import count_frequent_ids
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -87,6 +90,49 @@ def test_none_rejects_ids_outside_the_table_naming_feature_and_value(bad):
     mapper = HashingIdMapper([feature("a", "hash"), feature("n", "none", rows=50, id_space=50)])
     with pytest.raises(IdOutOfRangeError, match=rf"feature n \(hashing none\): raw ID {bad} is outside \[0, 50\)"):
         mapper(kjt({"a": torch.tensor([1, 2]), "n": torch.tensor([3, bad])}, 2))
+
+
+def test_deferred_none_check_records_the_first_bad_id_and_maps_it_in_range():
+    """Training defers the check (no sync per step): forward records the first bad ID on the
+    device, keeps it over later batches, and still maps every ID onto a real row."""
+    mapper = HashingIdMapper([feature("a", "multi_hash", num_hashes=2),
+                              feature("n", "none", rows=50, id_space=50),
+                              feature("m", "none", rows=8, id_space=8)])
+    mapper.defer_range_errors = True
+    rows = mapper(kjt({"a": torch.tensor([1, 2]), "n": torch.tensor([3, 4]),
+                       "m": torch.tensor([5, 6])}, 2))
+    assert mapper.out_of_range_error(mapper.out_of_range.tolist()) is None
+    rows = mapper(kjt({"a": torch.tensor([1, 2]), "n": torch.tensor([3, 77]),
+                       "m": torch.tensor([9, -1])}, 2))
+    assert 0 <= rows["n"].values().min() and rows["n"].values().max() < 50
+    mapper(kjt({"a": torch.tensor([1, 2]), "n": torch.tensor([60, 3]),
+                "m": torch.tensor([1, 1])}, 2))
+    error = mapper.out_of_range_error(mapper.out_of_range.tolist())
+    assert str(error).startswith("feature n (hashing none): raw ID 77 is outside [0, 50)")
+
+
+def test_training_on_ids_outside_a_none_table_stops_with_one_line(tmp_path):
+    """Planted IDs of user_country span [0, 200) but its table has 100 rows. Training defers
+    the check to the first logging step (log_every=3) and exits with the one line."""
+    result = run_train([*TINY, "trainer.steps=6", "logger.log_every=3",
+                        "features.groups.user.features.user_country.num_embeddings=100",
+                        f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"hashrec: error: feature user_country \(hashing none\): raw ID 1\d\d is "
+                        r"outside \[0, 100\); use hashing modulo or hash .*", last), last
+    assert not re.search(r"^step +3/6", result.stdout, re.M)  # stopped before its report
+
+
+def test_mapped_kjt_carries_its_lengths_per_key():
+    """Its lengths per key are set from the host lists, so TorchRec's input dist does not
+    compute them from the device lengths (.tolist(), a sync on GPU)."""
+    mapper = HashingIdMapper([feature("a", "multi_hash", num_hashes=2),
+                              feature("q", "qr", rows=100, ids_per_sample=2)])
+    rows = mapper(kjt({"a": torch.tensor([1, 2, 3]), "q": torch.arange(6)}, 3))
+    assert rows._length_per_key == [3, 3, 6, 6]
+    assert rows._offset_per_key == [0, 3, 6, 12, 18]
 
 
 def test_combiners_sum_concat_mult_and_importance_weights():

@@ -5,10 +5,17 @@ input distribution (all-to-all of IDs) of batch i+1 is under way and batch i+2 i
 Training runs in segments between evaluations; at a segment's end the pipeline drains, the
 model switches to eval mode, the same pipeline runs the held-out batches without backward,
 and training resumes.
+
+No host-device sync in a training step except on logging steps (every ``log_every`` steps and
+at a segment's end): losses stay device tensors until a report, the ID mappers' range errors
+wait on the device until then (``train/id_range_checks.py``), batches carry their per-key sizes
+from the host (``modules/batch.py``), and the stop-signal vote runs on a host-side group
+(``train/checkpoint_policy.py``). ``tests/test_host_syncs.py`` counts them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +29,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from modules.batch import Batch
 from modules.metrics import auc, log_loss, normalized_entropy
 from train.distributed import DistributedContext, collective_device
+from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
 from train.metrics_logger import MetricsLogger
 from train.optimizers import WarmupDecaySchedule
 from train.progress import Progress
@@ -97,6 +105,29 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"train/lr/group{i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
+class _NoDistStreamOnCpu(logging.Filter):
+    """Drops TorchRec's "Postproc module ... has no dist stream" warning on CPU.
+
+    On CUDA, TrainPipelineSparseDist hands every pipelined postproc (our ID mappers) its
+    data-dist stream, and the warning would mean a real race between streams. A CPU pipeline
+    has no streams at all: every op runs in issue order, so there is nothing to race.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dist stream" not in record.getMessage()
+
+
+_POSTPROC_LOGGER = logging.getLogger("torchrec.distributed.train_pipeline.postproc")
+
+
+def quiet_postproc_stream_warning(device: torch.device) -> None:
+    """Install the filter once per process, on CPU only."""
+    if device.type == "cpu" and not any(
+        isinstance(f, _NoDistStreamOnCpu) for f in _POSTPROC_LOGGER.filters
+    ):
+        _POSTPROC_LOGGER.addFilter(_NoDistStreamOnCpu())
+
+
 class TrainingStopped(Exception):
     """Training stopped early on request (a pre-emption signal); the step is in ``args[0]``."""
 
@@ -147,6 +178,8 @@ class Trainer:
         self.after_step = after_step
         self.progress = Progress(enabled=False, total_steps=0)
         self._measured_embedding_bytes: list[int] | None = None
+        quiet_postproc_stream_warning(context.device)
+        # On CUDA the pipeline gives the mappers (postprocs) its data-dist stream itself.
         self.pipeline = TrainPipelineSparseDist(
             model,
             optimizer,
@@ -166,23 +199,26 @@ class Trainer:
         batches = TimedIterator(self.train_batches(start, stop))
         window = Window.open(start, batches)
         self.progress.start_training(start)
-        for step in range(start, stop):
-            # The fused embedding optimizer picks the new lr up in zero_grad() inside progress().
-            self.schedule.set_step(step)
-            loss, _, _ = self.pipeline.progress(batches)
-            losses.append(loss)
-            self.progress.advance()
-            if (step + 1) % self.log_every == 0 or step + 1 == stop:
-                self._report(step + 1, window, batches, losses)
-                window = Window.open(step + 1, batches)
-            if self.after_step is not None and self.after_step(step + 1):
-                raise TrainingStopped(step + 1)
+        with deferred_id_range_errors(self.model):
+            for step in range(start, stop):
+                # The fused embedding optimizer picks the new lr up in zero_grad() in progress().
+                self.schedule.set_step(step)
+                loss, _, _ = self.pipeline.progress(batches)
+                losses.append(loss)
+                self.progress.advance()
+                if (step + 1) % self.log_every == 0 or step + 1 == stop:
+                    self._report(step + 1, window, batches, losses)
+                    window = Window.open(step + 1, batches)
+                if self.after_step is not None and self.after_step(step + 1):
+                    raise TrainingStopped(step + 1)
 
     def _report(
         self, step: int, window: Window, batches: TimedIterator, losses: deque[torch.Tensor]
     ) -> None:
         """Gather every rank's figures for the window ending at ``step``; rank 0 logs them.
         Every rank calls this at the same steps (a collective)."""
+        # A logging step synchronises anyway: bad IDs any rank met since the last one stop all.
+        raise_if_ids_out_of_range(self.model)
         num_steps = step - window.start_step
         window_loss = torch.stack(list(losses)[-num_steps:]).mean()
         figures = rank_figures(
@@ -218,16 +254,18 @@ class Trainer:
         batches = self.eval_batches()
         logits, labels = [], []
         self.progress.start_eval(self.num_eval_batches)
-        while True:
-            try:
-                _, batch_logits, batch_labels = self.pipeline.progress(batches)
-            except StopIteration:
-                break
-            logits.append(batch_logits)
-            labels.append(batch_labels)
-            self.progress.eval_advance()
+        with deferred_id_range_errors(self.model):
+            while True:
+                try:
+                    _, batch_logits, batch_labels = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                logits.append(batch_logits)
+                labels.append(batch_labels)
+                self.progress.eval_advance()
         self.progress.end_eval()
         self.pipeline.reset()
+        raise_if_ids_out_of_range(self.model)
         self.model.train()
         all_logits = gather_concat(torch.cat(logits).float()).cpu()
         all_labels = gather_concat(torch.cat(labels).float()).cpu()
