@@ -135,7 +135,7 @@ def rank_share(
     None where pinning would take cores away:
     the local ranks see different CPU sets (the launcher already split them), a host has
     other than ``local_world_size`` ranks, or there are fewer cores than local ranks."""
-    host, cpus, cpulist = everyone[rank]
+    host, cpus, _ = everyone[rank]
     same_host = [entry for entry in everyone if entry[0] == host]
     if (
         local_world_size <= 1

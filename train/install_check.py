@@ -121,7 +121,9 @@ def gpu_evidence(
     if cuda_visible_devices is not None and cuda_visible_devices.strip() in HIDDEN_GPU_VALUES:
         return None
     if nvidia_smi_gpu_count is not None:
-        return f"nvidia-smi -L lists {nvidia_smi_gpu_count} GPU(s)" if nvidia_smi_gpu_count else None
+        if nvidia_smi_gpu_count == 0:
+            return None
+        return f"nvidia-smi -L lists {nvidia_smi_gpu_count} GPU(s)"
     if dev_nvidia0_exists:
         return "/dev/nvidia0 exists"
     if cuda_visible_devices is not None:
@@ -180,7 +182,9 @@ def seen_on_this_node(environ: dict[str, str] | None = None) -> InstallFacts:
     )
 
 
-def installed_for(accel: str, torch_cuda: str | None, fbgemm_packages: tuple[str, ...]) -> str | None:
+def installed_for(
+    accel: str, torch_cuda: str | None, fbgemm_packages: tuple[str, ...]
+) -> str | None:
     """What ``make setup ACCEL=<accel>`` should have installed but did not; None when it did."""
     wanted = CUDA_PACKAGE if accel == "cuda" else CPU_PACKAGE
     if fbgemm_packages != (wanted,):
