@@ -154,6 +154,24 @@ def test_install_check_stops_a_cpu_venv_where_gpus_are_visible(tmp_path):
     assert "world size 1 (gloo, cpu)" in result.stdout
 
 
+def test_stop_if_unfit_needs_no_torchrec():
+    """The check python -m train can run before importing torchrec (which fails to import
+    where a CUDA fbgemm meets a CPU torch): one line, exit 2, and torchrec never imported."""
+    if torch.version.cuda or shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
+        pytest.skip("needs a CPU build of torch on a machine without GPUs")
+    code = ("import sys; from train.install_check import stop_if_unfit\n"
+            "try:\n    stop_if_unfit()\nfinally:\n    assert 'torchrec' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=False,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hashrec: error: GPUs are visible"), lines
+    passed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert passed.returncode == 0 and passed.stderr == "", passed.stderr
+
+
 def test_installed_for_checks_what_make_setup_installed():
     assert installed_for("cpu", None, (CPU_PACKAGE,)) is None
     assert installed_for("cpu", "13.0", (CPU_PACKAGE,)) is None

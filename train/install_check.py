@@ -182,6 +182,17 @@ def seen_on_this_node(environ: dict[str, str] | None = None) -> InstallFacts:
     )
 
 
+def stop_if_unfit() -> None:
+    """For ``python -m train`` to call before it imports torchrec: where the venv does not fit
+    the node, print the one line and exit 2. (A CUDA fbgemm with a CPU torch fails already
+    when torchrec imports fbgemm_gpu, with a traceback; init_distributed's own check comes too
+    late for that case.)"""
+    problem = install_problem(seen_on_this_node())
+    if problem:
+        print(f"hashrec: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def installed_for(
     accel: str, torch_cuda: str | None, fbgemm_packages: tuple[str, ...]
 ) -> str | None:
