@@ -29,7 +29,7 @@ from train.build import feature_groups  # noqa: E402
 from train.data import planted_data  # noqa: E402
 from train.run import to_config  # noqa: E402
 
-SAMPLE = REPO.parent / "shared" / "data" / "criteo_sample"
+SAMPLE = REPO / "data" / "criteo_sample"
 
 
 def compose(overrides: list[str]):

@@ -11,7 +11,7 @@ the same command after an interruption and finished tasks are skipped. When ever
 done, ``manifest.json`` lists the shards in input order; loaders read only through it.
 
 Numpy shards rather than Parquet: a batch is then a slice of memory-mapped arrays with no
-decompression or decoding at read time (see README for the measured read rate).
+decompression or decoding at read time (docs/performance.md gives the measured read rate).
 """
 
 from __future__ import annotations

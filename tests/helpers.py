@@ -12,16 +12,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from modules.batch import Batch
-from train.config import Config, register_configs
-from train.run import to_config
+from train.compose import CONF_DIR, compose_config  # noqa: F401  (tests import both from here)
+from train.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 
 # A model small enough for tests that still has several groups, multi-hot bags, and tables
 # that every sharding type can split (dims divisible by 4, rows > world size).
@@ -41,15 +38,6 @@ TINY = [
     # bf16 dense path has tests of its own.
     "trainer.precision=fp32",
 ]
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The typed config that ``python -m train <overrides>`` would run."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return to_config(cfg)
 
 
 def free_port() -> int:

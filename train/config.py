@@ -458,7 +458,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def register_configs() -> None:
     """Register the schema so conf/*.yaml files are validated against it, and the resolvers
     the YAML files use: ${hashrec_run_id:} (train/run_dir.py) and ${hashrec_repo:} (the
-    repository root, for data shipped beside it)."""
+    repository root, for data shipped in it)."""
     from train.run_dir import run_id
 
     if not OmegaConf.has_resolver("hashrec_run_id"):
