@@ -20,8 +20,8 @@ NPROC ?= 2
 #         nodes there with ACCEL=cuda; later auto runs (make test, make train) keep it.
 # Asking for the other one reinstalls torch and fbgemm.
 ACCEL ?= auto
-# An index to take torch and fbgemm-gpu from, e.g. https://download.pytorch.org/whl/cu126
-# for a driver older than CUDA 13 needs; empty = pip's configured index.
+# An index to take torch and fbgemm-gpu from, e.g. PyTorch's own wheel index for the CUDA
+# version of an older driver (its path ends in whl/cu126 for CUDA 12.6); empty = pip's configured index.
 TORCH_INDEX_URL ?=
 
 ACCEL_FILE := $(VENV)/.accel

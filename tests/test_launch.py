@@ -339,9 +339,9 @@ def test_make_setup_accel(tmp_path):
     assert "pip uninstall --quiet -y torch fbgemm-gpu-cpu" in plan
     assert "torch==2.13.0 fbgemm-gpu==1.8.0" in plan and "echo cuda > .venv/.accel" in plan
     plan = make_dry_run(
-        cpu_venv, "setup", "ACCEL=cuda", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126"
+        cpu_venv, "setup", "ACCEL=cuda", "TORCH_INDEX_URL=https://wheels.example.invalid/whl/cu126"
     ).stdout
-    assert "--index-url https://download.pytorch.org/whl/cu126 torch==2.13.0 fbgemm-gpu" in plan
+    assert "--index-url https://wheels.example.invalid/whl/cu126 torch==2.13.0 fbgemm-gpu" in plan
     assert "bash scripts/gpu_check.sh" in make_dry_run(cpu_venv, "gpu-check").stdout
     wrong = make_dry_run(cpu_venv, "setup", "ACCEL=gpu")
     assert wrong.returncode != 0 and "ACCEL=gpu is not one of auto, cuda, cpu" in wrong.stderr

@@ -9,8 +9,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from train.config import register_configs
-from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run
+from train.install_check import stop_if_unfit
+
+# Before torchrec is imported: with a CUDA fbgemm beside a CPU torch, importing it fails with a
+# traceback before init_distributed's own check could name the fix.
+stop_if_unfit()
+
+from train.config import register_configs  # noqa: E402
+from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run  # noqa: E402
 
 register_configs()
 

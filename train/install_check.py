@@ -94,7 +94,7 @@ def install_problem(facts: InstallFacts) -> str | None:
             f"GPUs are visible ({gpus}) but {torch_build} cannot use them "
             f"(torch.cuda.is_available() is False): the driver may be older than CUDA "
             f"{facts.torch_cuda} needs; build the venv for the driver's CUDA with `make setup "
-            f"ACCEL=cuda TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<version>`, {escape}"
+            f"ACCEL=cuda TORCH_INDEX_URL=<PyTorch's wheel index for that CUDA>`, {escape}"
         )
     if fbgemm == CPU_PACKAGE:
         return (
@@ -206,7 +206,7 @@ def installed_for(
             "ACCEL=cuda installed a CPU build of torch: the package index offered a CPU wheel "
             "(pip prefers a local +cpu wheel where one is on offer); name an index that has "
             "CUDA builds, e.g. `make setup ACCEL=cuda "
-            "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130`"
+            "TORCH_INDEX_URL=<PyTorch's wheel index for CUDA 13.0>`"
         )
     return None
 
