@@ -124,14 +124,15 @@ def wait_for_end(slurm, job_id: str, log: Path, timeout: float) -> dict[str, str
     return info
 
 
-def submit(slurm, out_dir: Path) -> str:
-    """slurm/train_cpu.sbatch with PREEMPT; its log is out_dir/job-<id>.out and its run
+def submit(slurm, out_dir: Path, script: str = "train_cpu.sbatch", *options: str,
+           env: dict[str, str] | None = None) -> str:
+    """An sbatch script of slurm/ with PREEMPT; its log is out_dir/job-<id>.out and its run
     directory out_dir/outputs/slurm-<id> (keyed by the job id, as by default)."""
     result = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out_dir}/job-%j.out",
-         str(REPO / "slurm" / "train_cpu.sbatch"), *PREEMPT,
+        ["sbatch", "--parsable", *options, f"--chdir={REPO}", f"--output={out_dir}/job-%j.out",
+         str(REPO / "slurm" / script), *PREEMPT,
          f"hydra.run.dir={out_dir}/outputs/slurm-${{oc.env:SLURM_JOB_ID}}"],
-        env=sbatch_env(slurm), capture_output=True, text=True, timeout=60,
+        env={**sbatch_env(slurm), **(env or {})}, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
@@ -159,11 +160,10 @@ def uninterrupted_digest(slurm, tmp_path_factory) -> str:
     return summary["state_digest"]
 
 
-def test_preempt_cpu_sbatch_saves_then_requeues_and_resumes_like_uninterrupted(
-    slurm, tmp_path, uninterrupted_digest
-):
-    job_id = submit(slurm, tmp_path)
-    log_path = tmp_path / f"job-{job_id}.out"
+def preempt_sbatch_job(slurm, out_dir: Path, job_id: str, uninterrupted_digest: str) -> None:
+    """Signal the job as Slurm does before its time limit, once it has trained 50 steps; it
+    must save, stop, requeue itself, resume and end like the uninterrupted run."""
+    log_path = out_dir / f"job-{job_id}.out"
     wait_for_log_line(slurm, job_id, log_path, SIGNAL_AFTER, timeout=120)
     # What --signal=B:USR2@T does T seconds before the time limit: USR2 to the batch shell only.
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], env=slurm.env, check=True)
@@ -176,10 +176,35 @@ def test_preempt_cpu_sbatch_saves_then_requeues_and_resumes_like_uninterrupted(
     # first kills them after KillWait, mid-save), and the requeued job started from it.
     stopped = at(log, f"stopped by signal at step {step};")
     assert at(log, f"checkpoint: step {step} ->") < stopped, log[-3000:]
-    assert stopped < at(log, "requeueing job") < at(log, "starts (restart 1)"), log[-3000:]
-    summary = json.loads((tmp_path / "outputs" / f"slurm-{job_id}" / "summary.json").read_text())
+    requeued = at(log, "requeueing job")
+    assert stopped < requeued, f"requeued before the ranks had stopped:\n{log[-3000:]}"
+    assert requeued < at(log, "starts (restart 1)"), log[-3000:]
+    summary = json.loads((out_dir / "outputs" / f"slurm-{job_id}" / "summary.json").read_text())
     assert summary["steps"] == PREEMPT_STEPS
     assert summary["state_digest"] == uninterrupted_digest
+
+
+def test_preempt_cpu_sbatch_saves_then_requeues_and_resumes_like_uninterrupted(
+    slurm, tmp_path, uninterrupted_digest
+):
+    preempt_sbatch_job(slurm, tmp_path, submit(slurm, tmp_path), uninterrupted_digest)
+
+
+def test_preempt_gpu_sbatch_torchrun_hands_the_signal_to_its_ranks(
+    slurm, tmp_path, uninterrupted_digest
+):
+    """slurm/train.sbatch's launch on one node without GPUs: one srun task whose torchrun
+    runs the 2 ranks. torchrun must stay in charge: pass SIGUSR2 on to its ranks and wait for
+    them (--shutdown-timeout). Without SIGUSR2 in its --signals-to-handle it dies of the
+    signal; here srun's own signal still reaches the orphaned ranks, which save, so only
+    torchrun's log line tells."""
+    job_id = submit(
+        slurm, tmp_path, "train.sbatch", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
+        env={"HASHREC_NPROC_PER_NODE": "2", "RDZV_PORT": str(free_port())},
+    )
+    preempt_sbatch_job(slurm, tmp_path, job_id, uninterrupted_digest)
+    log = read(tmp_path / f"job-{job_id}.out")
+    assert "closing signal SIGUSR2" in log, log[-3000:]  # torch 2.13's elastic agent says so
 
 
 def test_preempt_submitit_sweep_point_is_requeued_and_resumes_like_uninterrupted(
@@ -221,7 +246,8 @@ def test_preempt_submitit_sweep_point_is_requeued_and_resumes_like_uninterrupted
     # The ranks saved that step before submitit's handler got the signal and requeued.
     handed_on = at(log, f"checkpoint of step {step} saved; handing SIGUSR2 on to "
                         "SignalHandler.checkpoint_and_try_requeue")
-    assert at(log, f"checkpoint: step {step} ->") < handed_on < at(log, "Requeued job")
+    assert at(log, f"checkpoint: step {step} ->") < handed_on, log[-3000:]
+    assert handed_on < at(log, "Requeued job"), log[-3000:]
     summary = json.loads((sweep_dir / "0" / "summary.json").read_text())
     assert summary["steps"] == PREEMPT_STEPS
     assert summary["state_digest"] == uninterrupted_digest
