@@ -54,7 +54,8 @@ def ensure_slurm_installed() -> str | None:
         return "Slurm is not installed and installing it needs root"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm"]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
+                                check=False)
         if result.returncode != 0:
             return f"{' '.join(command)} failed: {result.stderr[-500:]}"
     return None
@@ -75,7 +76,8 @@ class LocalSlurm:
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = subprocess.run(
-                ["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True
+                ["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True,
+                timeout=30, check=False,
             ).stdout.strip()
             if state == "idle":
                 return
