@@ -224,3 +224,35 @@ def test_full_disk_while_checkpointing_fails_cleanly(tmp_path, small_disk):
     checkpoints = run_dir / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
     assert not (run_dir / "summary.json").exists()
+
+
+def test_resume_at_the_last_step_finishes_the_job(tmp_path):
+    """A job killed after its final checkpoint but before summary.json (in the final eval, in
+    W&B's finish) is finished by its restart: evaluated, summarised, exit 0. It used to fail
+    with "leaves nothing to train", so a requeued Slurm job failed for ever."""
+    run_dir = tmp_path / "a"
+    first = run_train([*BASE, "trainer.steps=12", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    finished = summary(run_dir)
+    (run_dir / "summary.json").unlink()
+    again = run_train([*BASE, "trainer.steps=12", "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
+                      cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "at step 12: training is done, finishing the job" in again.stdout
+    redone = summary(run_dir)
+    assert redone["state_digest"] == finished["state_digest"]
+    assert redone["eval_auc"] == finished["eval_auc"] and redone["steps"] == 12
+
+
+def test_a_stop_signal_at_the_last_step_lets_the_job_end(tmp_path):
+    """The stop vote at the last step is skipped: the job goes on to its final eval and
+    summary instead of saving and exiting 143 with nothing to resume."""
+    from train.checkpoint_policy import CheckpointPolicy
+
+    config = compose_config(BASE)
+    policy = CheckpointPolicy(tmp_path, None, None, config.checkpoint, total_steps=10,
+                              say=lambda _: None)
+    policy.signal_received = signal.SIGUSR2
+    policy._save_checked = lambda step: None  # no model here: only the decision is tested
+    assert policy.after_step(10) is False
+    assert policy.after_step(5) is True

@@ -103,7 +103,13 @@ class CheckpointPolicy:
         every = self.config.every_steps
         if every and step % every == 0 and step < self.total_steps:
             self._save_checked(step)
-        if step % self.config.signal_check_every == 0 and self._vote_to_stop():
+        # At the last step the job is about to end by itself (evaluate, save, summarise): a stop
+        # signal there simply lets it end, rather than leaving a finished run without a summary.
+        if (
+            step < self.total_steps
+            and step % self.config.signal_check_every == 0
+            and self._vote_to_stop()
+        ):
             if self.last_saved_step != step:
                 self._save_checked(step)
             return True

@@ -343,7 +343,12 @@ class Trainer:
                     timed_steps += stop - start_timed
             evals.append(self.evaluate(stop))
             start = stop
-        train_loss = global_mean(float(torch.stack(list(losses)).mean()), self.context.device)
+        # A run resumed at its last step trains nothing: it only evaluates and reports.
+        train_loss = (
+            global_mean(float(torch.stack(list(losses)).mean()), self.context.device)
+            if losses
+            else math.nan
+        )
         samples_per_step = self.batch_size * self.context.world_size
         # Global throughput: every rank trains its own batch_size samples per step.
         samples_per_sec = (

@@ -82,12 +82,17 @@ def resume_if_asked(config: Config, job, run_dir: Path, say) -> int:
         load_checkpoint(info, job.model, job.optimizer)
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
-    if info.step >= config.trainer.steps:
+    if info.step > config.trainer.steps:
         raise ConfigError(
-            f"checkpoint {info.path} is at step {info.step}; trainer.steps={config.trainer.steps} "
-            f"leaves nothing to train"
+            f"checkpoint {info.path} is at step {info.step}, beyond trainer.steps="
+            f"{config.trainer.steps}"
         )
-    say(f"resumed from {info.path} at step {info.step}")
+    if info.step == config.trainer.steps:
+        # Training ended but the job did not (stopped or killed in its final evaluation or
+        # summary): finish it now.
+        say(f"resumed from {info.path} at step {info.step}: training is done, finishing the job")
+    else:
+        say(f"resumed from {info.path} at step {info.step}")
     return info.step
 
 
