@@ -459,8 +459,14 @@ def register_configs() -> None:
     """Register the schema so conf/*.yaml files are validated against it, and the resolvers
     the YAML files use: ${hashrec_run_id:} (train/run_dir.py) and ${hashrec_repo:} (the
     repository root, for data shipped in it)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.hashrec_launcher.resuming_launcher import ResumingSlurmLauncher
     from train.run_dir import run_id
 
+    # Hydra finds launchers by scanning the hydra_plugins namespace, which misses an editable
+    # install; registering the class makes hydra/launcher=slurm work from any directory.
+    Plugins.instance().register(ResumingSlurmLauncher)
     if not OmegaConf.has_resolver("hashrec_run_id"):
         OmegaConf.register_new_resolver("hashrec_run_id", run_id, use_cache=True)
     if not OmegaConf.has_resolver("hashrec_repo"):
