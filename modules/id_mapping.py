@@ -233,14 +233,13 @@ class HashingIdMapper(nn.Module):
         self, values: torch.Tensor, bad: torch.Tensor, ids_per_key: torch.Tensor
     ) -> None:
         """Device ops only: keep the first (found, key index, raw ID) until it is read."""
-        found = bad.any()
-        position = torch.argmax(bad.to(torch.int32)).view(1)  # the first True (or 0)
-        key_index = (torch.cumsum(ids_per_key, dim=0) <= position).sum().view(1)
-        candidate = torch.cat(
-            [found.view(1).to(torch.int64), key_index, values.gather(0, position)]
-        )
-        already = self.out_of_range[0] != 0
-        self.out_of_range.copy_(torch.where(already, self.out_of_range, candidate))
+        # argmax returns the first maximal index: the first bad ID, or 0 when there is none.
+        position = torch.argmax(bad.view(torch.uint8), dim=0, keepdim=True)
+        key_index = (torch.cumsum(ids_per_key, dim=0) <= position).sum(dim=0, keepdim=True)
+        # [bad there (0/1), its key, its raw ID]; cat promotes the flag to int64.
+        candidate = torch.cat([bad.gather(0, position), key_index, values.gather(0, position)])
+        recorded = self.out_of_range[:1] != 0
+        self.out_of_range.copy_(torch.where(recorded, self.out_of_range, candidate))
 
     def out_of_range_error(self, record: list[int]) -> IdOutOfRangeError | None:
         """The error a record read from ``out_of_range`` stands for (None: no bad ID)."""
