@@ -300,31 +300,18 @@ def test_batches_are_pinned_only_for_cuda_and_on_the_prefetch_thread():
     assert [item.pinned_on for item in prefetched(iter([Item()]), depth=2)] == [None]
 
 
-def _stop_vote(rank: int, world_size: int, out_dir: str) -> None:
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
-    from train.checkpoint_policy import StopVote
-
-    vote = StopVote()
-    # Rank 1 alone gets a signal before the third vote.
-    outcomes = [vote.vote(rank == 1 and index >= 2) for index in range(5)]
-    (Path(out_dir) / f"vote{rank}.json").write_text(json.dumps(outcomes))
-
-
-def test_stop_vote_stops_every_rank_at_the_same_vote(tmp_path):
-    """Cast at vote 2 by one rank, acted on by every rank at vote 3 (one vote later), and
-    from then on (training stops there)."""
-    run_ranks(_stop_vote, 2, str(tmp_path))
-    for rank in range(2):
-        outcomes = json.loads((tmp_path / f"vote{rank}.json").read_text())
-        assert outcomes == [False, False, False, True, True]
-
-
-def _bad_id_on_one_rank(rank: int, world_size: int, out_dir: str) -> None:
+def _votes_and_range_errors(rank: int, world_size: int, out_dir: str) -> None:
+    """Both collectives the loop uses to stop every rank together, without a model."""
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     from modules.features import FeatureSpec
     from modules.hashing import HashingSpec
     from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
+    from train.checkpoint_policy import StopVote
     from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
+
+    vote = StopVote()
+    # Rank 1 alone gets a signal before the third vote.
+    outcomes = [vote.vote(rank == 1 and index >= 2) for index in range(5)]
 
     def mapper(rows: int) -> HashingIdMapper:
         return HashingIdMapper([FeatureSpec("h", 10**6, 100, hashing=HashingSpec("hash")),
@@ -337,17 +324,33 @@ def _bad_id_on_one_rank(rank: int, world_size: int, out_dir: str) -> None:
     with deferred_id_range_errors(model):
         model["first"](batch)
         model["second"](batch)  # rank 1: 70 is outside [0, 50)
-    assert not model["second"].defer_range_errors  # restored after the block
+    restored = not model["second"].defer_range_errors
     try:
         raise_if_ids_out_of_range(model)
         message = None
     except IdOutOfRangeError as error:
         message = str(error)
-    (Path(out_dir) / f"error{rank}.txt").write_text(str(message))
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+        {"outcomes": outcomes, "message": message, "restored": restored}
+    ))
 
 
-def test_an_out_of_range_id_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    run_ranks(_bad_id_on_one_rank, 2, str(tmp_path))
-    messages = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks_stopping(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("stopping")
+    run_ranks(_votes_and_range_errors, 2, str(out_dir))
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_stop_vote_stops_every_rank_at_the_same_vote(two_ranks_stopping):
+    """Cast at vote 2 by one rank, acted on by every rank at vote 3 (one vote later), and
+    from then on (training stops there)."""
+    for found in two_ranks_stopping:
+        assert found["outcomes"] == [False, False, False, True, True]
+
+
+def test_an_out_of_range_id_on_one_rank_stops_every_rank_with_its_message(two_ranks_stopping):
+    messages = [found["message"] for found in two_ranks_stopping]
     assert messages[0] == messages[1]
     assert messages[0].startswith("feature n (hashing none): raw ID 70 is outside [0, 50)")
+    assert all(found["restored"] for found in two_ranks_stopping)  # immediate again after
