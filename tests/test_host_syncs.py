@@ -56,10 +56,11 @@ HOST_TENSOR_READS = {
 BACKWARD_ENGINE = "torch/autograd/graph.py:_engine_run_backward"
 # TorchRec's input distribution needs sizes on the host: the all-to-all splits of batch i+1
 # (read in the pipeline's data-dist stages) and the per-key lengths of the KJT each rank
-# receives (read when the sharded collection waits for its input, ``Awaitable.wait``). It
-# reads them on its data-dist stream (``_cuda_to_cpu_safe`` waits for that stream only, so
-# compute goes on). That is TorchRec's design, not ours; a read made by hashrec code that the
-# pipeline calls there (the ID mappers run in the data-dist stage) still counts.
+# receives (read when the sharded collection waits for its input; ``Awaitable.wait`` also
+# covers TorchRec's other awaited results). It reads them on its data-dist stream
+# (``_cuda_to_cpu_safe`` waits for that stream only, so compute goes on). That is TorchRec's
+# design, not ours; a read made by hashrec code that the pipeline calls there (the ID mappers
+# run in the data-dist stage) still counts.
 DATA_DIST_STAGES = (
     "torchrec/distributed/train_pipeline/train_pipelines.py:start_sparse_data_dist",
     "torchrec/distributed/train_pipeline/train_pipelines.py:wait_sparse_data_dist",
