@@ -131,6 +131,30 @@ class GpuCheck:
         ok = summary["precision"] == "bf16" and summary["eval_auc"] > 0.6
         return ok, f"AUC {summary['eval_auc']:.4f}, {summary['samples_per_sec']:,.0f} samples/s", summary
 
+    def host_syncs(self) -> tuple[bool, str, dict]:
+        """CUDA's sync debugging over 200 steps logged every 100: the training step's own
+        syncs (TorchRec's input distribution reads its split sizes by design; listed)."""
+        if not self.cuda:
+            raise _Skip("needs CUDA (on CPU: pytest tests/test_host_syncs.py)")
+        run_dir = self.work_dir / "host_syncs"
+        result = subprocess.run(
+            [PYTHON, str(REPO / "scripts" / "count_cuda_syncs.py"), "trainer.steps=200",
+             "logger.log_every=100", "trainer.eval_every=0", "logger.mode=disabled",
+             "logger.progress_bar=false", f"hydra.run.dir={run_dir}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+        line = next((l for l in result.stdout.splitlines() if l.startswith('{"syncs_by_phase"')),
+                    None)
+        if result.returncode != 0 or line is None:
+            raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-300:]}")
+        counted = json.loads(line)
+        in_step = counted["syncs_by_phase"].get("training step", 0)
+        hashrec_sites = [site for site in counted["training_step_sites"]
+                         if site.startswith("hashrec ")]
+        figures = (f"{in_step / 200:.1f} syncs per training step over 200 steps; by phase "
+                   f"{counted['syncs_by_phase']}; sites {counted['training_step_sites']}")
+        return not hashrec_sites, figures, counted
+
     def checkpoint(self) -> tuple[bool, str, dict]:
         """Train 200 steps saving at 100; a second job resumes the step-100 checkpoint and must
         end with the same state digest."""
@@ -168,6 +192,7 @@ class GpuCheck:
         self.check("row-wise sharding", self.sharding("row_wise"))
         self.check("managed hashing", self.managed)
         self.check("bf16 dense side", self.bf16)
+        self.check("host syncs in the training step", self.host_syncs)
         self.check("checkpoint save and reload", self.checkpoint)
         self.check("reference shape vs TorchRec", self.reference_shape)
 

@@ -36,7 +36,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
-from train.distributed import collective_device
 from train.tables import table_name_of
 
 CHECKPOINT_DIR = "checkpoints"
@@ -69,15 +68,6 @@ def _is_main() -> bool:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (a collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([int(flag)], device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def _first_error(error: str | None) -> str | None:

@@ -395,7 +395,9 @@ class CheckpointConfig:
     at_end: bool = True
     # Complete checkpoints kept (older ones are deleted after a new one is complete).
     keep: int = 2
-    # SIGTERM / SIGUSR2 (pre-emption): ranks agree every this many steps to save and stop.
+    # SIGTERM / SIGUSR2 (pre-emption): ranks vote every this many steps to save and stop;
+    # with several ranks a signal is acted on at the second vote after it arrives (up to
+    # twice this many steps), since each vote runs asynchronously during the next steps.
     signal_check_every: int = 5
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
-from modules.prefetch import prefetched
+from modules.prefetch import pin_batches_for, prefetched
 from modules.id_mapping import IdOutOfRangeError
 from modules.tabular import BadRowError
 from train.build import build_sharded_job, dense_autocast, feature_groups
@@ -177,7 +177,8 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
 
     def train_batches(start: int, stop: int) -> Iterator[Batch]:
         return prefetched(
-            source.train_batches(rank, world_size, start, stop), config.data.prefetch_batches
+            source.train_batches(rank, world_size, start, stop), config.data.prefetch_batches,
+            pin_memory=pin_batches_for(context.device),
         )
 
     def eval_batches() -> Iterator[Batch]:
