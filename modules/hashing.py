@@ -6,7 +6,8 @@ sharding type and the planner apply unchanged; the raw-ID -> row mapping runs in
 collection (``modules/id_mapping.py``) and the per-method combination after the pooled lookup
 (``modules/hash_combine.py``).
 
-Methods (``HashingSpec.method``), for a feature ``f`` with ``R = num_embeddings`` rows:
+Methods (``HashingSpec.method``; the spec and its checks are in ``modules/features.py``), for a
+feature ``f`` with ``R = num_embeddings`` rows:
 
 * ``none``: IDs must already lie in [0, R); table ``f``, key ``f``.
 * ``modulo``: row = ID mod R (the baseline; sequential or strided IDs collide in patterns).
@@ -32,120 +33,9 @@ Methods (``HashingSpec.method``), for a feature ``f`` with ``R = num_embeddings`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-import torch
-
-if TYPE_CHECKING:
-    from modules.features import FeatureSpec
-
-METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
-EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")  # managed: which IDs keep their rows
-COMBINES = {"multi_hash": ("sum", "concat"), "qr": ("mult", "sum", "concat")}
-DEFAULT_COMBINE = {"multi_hash": "sum", "qr": "mult"}
-
-
-@dataclass(frozen=True)
-class HashingSpec:
-    """How one feature's raw IDs reach its table rows.
-
-    Attributes:
-        method: one of METHODS.
-        num_hashes: multi_hash: k, the hashes (probes) per ID.
-        combine: multi_hash: sum | concat; qr: mult | sum | concat; "" = the method's default.
-        importance_rows: multi_hash: rows of the importance-weight table (0 = no weights).
-        q: qr: rows of the remainder table; 0 = ceil(id_space / num_embeddings), so that
-            the quotient table has about num_embeddings rows.
-        frequent_ids: frequency: int64 [K] raw IDs, most frequent first, that get own rows.
-        seed: salts every hash of the feature (a different seed = independent hashes).
-        eviction_policy: managed: distance_lfu | lfu | lru.
-        eviction_interval: managed: training steps between admissions of new IDs.
-    """
-
-    method: str = "modulo"
-    num_hashes: int = 2
-    combine: str = ""
-    importance_rows: int = 0
-    q: int = 0
-    frequent_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    seed: int = 0
-    eviction_policy: str = "distance_lfu"
-    eviction_interval: int = 10
-
-    @property
-    def combine_or_default(self) -> str:
-        return self.combine or DEFAULT_COMBINE.get(self.method, "")
-
-
-def check_hashing(feature: FeatureSpec) -> None:
-    """Raise ValueError (one line naming the feature and the key) for a spec that cannot run."""
-    spec = feature.hashing
-    where = f"feature {feature.name}: hashing"
-    if spec.method not in METHODS:
-        raise ValueError(f"{where}.method={spec.method!r} is not one of {', '.join(METHODS)}")
-    if spec.method != "qr" and feature.num_embeddings > feature.id_space:
-        raise ValueError(
-            f"feature {feature.name}: num_embeddings={feature.num_embeddings} buckets is above "
-            f"the declared id_space={feature.id_space} (a table never needs more rows than IDs)"
-        )
-    if spec.method == "multi_hash":
-        if spec.num_hashes < 1:
-            raise ValueError(f"{where}.num_hashes (k) must be >= 1, got {spec.num_hashes}")
-        if spec.importance_rows < 0:
-            raise ValueError(f"{where}.importance_rows must be >= 0, got {spec.importance_rows}")
-        if spec.importance_rows > 0 and feature.ids_per_sample != 1:
-            raise ValueError(
-                f"{where}.importance_rows: importance weights are per ID and need one ID per "
-                f"sample (after pooling a bag they no longer are), ids_per_sample="
-                f"{feature.ids_per_sample}"
-            )
-    if spec.method in COMBINES and spec.combine_or_default not in COMBINES[spec.method]:
-        raise ValueError(
-            f"{where}.combine={spec.combine!r} is not one of {', '.join(COMBINES[spec.method])} "
-            f"for method {spec.method}"
-        )
-    if spec.method == "qr":
-        if spec.q != 0 and spec.q < 2:
-            raise ValueError(f"{where}.q must be >= 2 (or 0 = from num_embeddings), got {spec.q}")
-        if qr_remainder_rows(feature) > feature.id_space:
-            raise ValueError(
-                f"{where}.q={qr_remainder_rows(feature)} is above the declared "
-                f"id_space={feature.id_space}"
-            )
-    if spec.method == "frequency":
-        ids = spec.frequent_ids
-        if ids is None or ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError(f"{where}: method frequency needs a non-empty list of frequent IDs")
-        if ids.numel() >= feature.num_embeddings:
-            raise ValueError(
-                f"{where}: {ids.numel()} frequent IDs leave no row of num_embeddings="
-                f"{feature.num_embeddings} for the other IDs"
-            )
-        if torch.unique(ids).numel() != ids.numel():
-            raise ValueError(f"{where}: the frequent IDs contain duplicates")
-    if spec.method == "managed":
-        if feature.num_embeddings < 2:
-            raise ValueError(
-                f"{where}: method managed needs num_embeddings >= 2 (one row is shared by the "
-                f"IDs without a row of their own), got {feature.num_embeddings}"
-            )
-        if spec.eviction_policy not in EVICTION_POLICIES:
-            raise ValueError(
-                f"{where}.eviction_policy={spec.eviction_policy!r} is not one of "
-                f"{', '.join(EVICTION_POLICIES)}"
-            )
-        if spec.eviction_interval < 1:
-            raise ValueError(
-                f"{where}.eviction_interval must be >= 1 step, got {spec.eviction_interval}"
-            )
-
-
-def qr_remainder_rows(feature: FeatureSpec) -> int:
-    """q: the remainder table's rows (explicit, or sized so the quotient has ~R rows)."""
-    if feature.hashing.q:
-        return feature.hashing.q
-    return max(2, math.ceil(feature.id_space / feature.num_embeddings))
+from modules.features import FeatureGroupSpec, FeatureSpec, all_features, qr_remainder_rows
 
 
 def qr_virtual_size(feature: FeatureSpec) -> int:
@@ -215,3 +105,25 @@ def feature_rows(feature: FeatureSpec) -> int:
     """Rows over all of a feature's tables."""
     return sum(table.num_embeddings for table in feature_tables(feature, 1))
 
+
+
+def check_unique_names(groups: list[FeatureGroupSpec]) -> None:
+    """Feature, table and group names key batches, tables and reports: each must be unique."""
+    seen: set[str] = set()
+    for feature in all_features(groups):
+        if feature.name in seen:
+            raise ValueError(f"feature {feature.name} is declared twice")
+        seen.add(feature.name)
+    tables: dict[str, str] = {}
+    for group in groups:
+        for feature in group.features:
+            for table in feature_tables(feature, group.embedding_dim):
+                if table.name in tables:
+                    raise ValueError(
+                        f"table {table.name} (of feature {feature.name}) clashes with a table of "
+                        f"feature {tables[table.name]}; rename one of the features"
+                    )
+                tables[table.name] = feature.name
+    group_names = [group.name for group in groups]
+    if len(set(group_names)) != len(group_names):
+        raise ValueError(f"feature group names must be unique, got {group_names}")

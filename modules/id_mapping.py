@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from modules.features import FeatureSpec
+from modules.features import FeatureSpec, qr_remainder_rows
 from modules.hash_functions import non_negative, seed_salt, splitmix64
-from modules.hashing import feature_keys, qr_remainder_rows, qr_virtual_size
+from modules.hashing import feature_keys, qr_virtual_size
 from modules.managed_collisions import MANAGED_INPUT_SPACE
 
 _INT64_MIN = -(1 << 63)

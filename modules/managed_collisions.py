@@ -32,7 +32,7 @@ from torchrec.modules.mc_modules import (
     MCHManagedCollisionModule,
 )
 
-from modules.hashing import EVICTION_POLICIES
+from modules.features import EVICTION_POLICIES
 
 # Hashed IDs lie in [0, 2^63 - 1): the MCH module marks empty slots with int64 max, which a
 # hashed ID must never equal.

@@ -15,10 +15,10 @@ from modules.collisions import (
     measured_collision_rate,
 )
 from modules.embeddings import embedding_collection
-from modules.features import FeatureGroupSpec, FeatureSpec
+from modules.features import FeatureGroupSpec, FeatureSpec, HashingSpec, qr_remainder_rows
 from modules.hash_combine import PooledCombiner
 from modules.hash_functions import hash64, non_negative, seed_salt
-from modules.hashing import HashingSpec, feature_keys, qr_remainder_rows
+from modules.hashing import feature_keys
 from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
 from tests.helpers import TINY, run_train
 from train.frequency_counts import count_frequent_ids

@@ -304,8 +304,7 @@ def test_batches_are_pinned_only_for_cuda_and_on_the_prefetch_thread():
 def _votes_and_range_errors(rank: int, world_size: int, out_dir: str) -> None:
     """Both collectives the loop uses to stop every rank together, without a model."""
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
-    from modules.features import FeatureSpec
-    from modules.hashing import HashingSpec
+    from modules.features import FeatureSpec, HashingSpec
     from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
     from train.checkpoint_policy import StopVote
     from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range

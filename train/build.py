@@ -16,9 +16,10 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer
 
 from modules.embeddings import fill_table_block, group_tables
-from modules.features import FeatureGroupSpec, FeatureSpec, check_unique_names
+from modules.features import FeatureGroupSpec, FeatureSpec
+from modules.hashing import check_unique_names
 from modules.model import ClickModel, ClickModelTrain, embedding_group
-from train.config import Config, FeaturesConfig, HashingConfig
+from train.config import Config, FeaturesConfig, HashingConfig, spec_values
 from train.comms import embedding_sharder
 from train.managed_sharding import ManagedCollectionSharder
 from train.hashing import FrequencyFile, check_hashing_names, resolve_hashing
@@ -48,27 +49,20 @@ def feature_groups(
     """
     frequency_file = FrequencyFile(hashing.frequency_file if hashing is not None else None)
 
-    def spec(name: str, id_space: int, num_embeddings: int, feature_method: str | None,
-             **kwargs) -> FeatureSpec:
+    def spec(name: str, feature, feature_method: str | None) -> FeatureSpec:
+        """The one conversion of a feature's config (FeatureConfig or GeneratedTablesConfig)
+        to its spec, which checks it."""
         rows, hashing_spec = resolve_hashing(
-            hashing, name, id_space, num_embeddings, feature_method, frequency_file
+            hashing, name, feature.id_space, feature.num_embeddings, feature_method, frequency_file
         )
-        return FeatureSpec(name=name, id_space=id_space, num_embeddings=rows,
-                           hashing=hashing_spec, **kwargs)
+        values = spec_values(feature, FeatureSpec)
+        values.update(name=name, num_embeddings=rows, hashing=hashing_spec)
+        return FeatureSpec(**values)
 
     groups = []
     for group_name, group in config.groups.items():
         features = tuple(
-            spec(
-                feature_name,
-                feature.id_space,
-                feature.num_embeddings,
-                feature.hashing,
-                ids_per_sample=feature.ids_per_sample,
-                zipf_exponent=feature.zipf_exponent,
-                signal_weight=feature.signal_weight,
-                scramble_ids=feature.scramble_ids,
-            )
+            spec(feature_name, feature, feature.hashing)
             for feature_name, feature in group.features.items()
         )
         groups.append(
@@ -80,16 +74,7 @@ def feature_groups(
         width = len(str(generated.num_tables - 1))
         for index in range(generated.num_tables):
             per_group[index % generated.num_groups].append(
-                spec(
-                    f"t{index:0{width}d}",
-                    generated.id_space,
-                    generated.num_embeddings,
-                    None,
-                    ids_per_sample=generated.ids_per_sample,
-                    zipf_exponent=generated.zipf_exponent,
-                    signal_weight=generated.signal_weight,
-                    scramble_ids=generated.scramble_ids,
-                )
+                spec(f"t{index:0{width}d}", generated, None)
             )
         groups.extend(
             FeatureGroupSpec(f"g{index}", config.embedding_dim, tuple(features))

@@ -8,6 +8,7 @@ group starts. Checks that need more than a type live in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,7 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from modules.hashing import EVICTION_POLICIES, METHODS
+from modules.features import FeatureSpec, check_hashing_option
+from modules.synthetic import PlantedSignal
 
 SHARDING_TYPES = (
     "data_parallel",
@@ -42,25 +44,56 @@ def _check_positive(where: str, value: float) -> None:
         raise ValueError(f"{where} must be > 0, got {value}")
 
 
-@dataclass
-class FeatureConfig:
-    """One categorical feature; its table is named after it."""
+def spec_schema(
+    spec: type,
+    name: str,
+    doc: str,
+    *,
+    leave_out: tuple[str, ...] = (),
+    types: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    extra: tuple[tuple[str, Any, Any], ...] = (),
+) -> type:
+    """The Hydra schema of a frozen spec of modules/: a mutable dataclass with the spec's fields
+    (names, types, defaults; ``types``/``defaults`` replace some, ``extra`` adds some first).
 
-    # Declared number of distinct raw IDs (what a full table would need).
-    id_space: int = MISSING
-    # Rows of the feature's table.
-    num_embeddings: int = MISSING
-    # IDs per sample: 1 = one-hot, more = a sum-pooled bag.
-    ids_per_sample: int = 1
-    # Synthetic data: popularity skew of the IDs (Zipf-like exponent).
-    zipf_exponent: float = 1.05
-    # Synthetic data: weight of this feature in the planted click logit (0 = noise).
-    signal_weight: float = 1.0
-    # Synthetic data: emit scrambled 63-bit IDs (True) or 0..id_space-1 (False).
-    scramble_ids: bool = True
-    # This feature's hashing method unless hashing.features names it (null = hashing.method);
-    # e.g. none for IDs that already are row numbers in [0, num_embeddings).
-    hashing: Optional[str] = None
+    Hydra cannot override a frozen dataclass's fields, so the config holds this copy and
+    ``spec_values`` turns it back into the spec once, whose ``__post_init__`` checks it: the
+    fields, their meaning (the spec's docstring) and their checks live in modules/ alone.
+    """
+    hints = typing.get_type_hints(spec)
+    fields = [(key, type_, field(default=default)) for key, type_, default in extra]
+    for spec_field in dataclasses.fields(spec):
+        if spec_field.name in leave_out:
+            continue
+        default = (defaults or {}).get(spec_field.name, spec_field.default)
+        type_ = (types or {}).get(spec_field.name, hints[spec_field.name])
+        fields.append((spec_field.name, type_, field(default=default)))
+    return dataclasses.make_dataclass(
+        name, fields, namespace={"__doc__": doc, "__module__": __name__}
+    )
+
+
+def spec_values(config: Any, spec: type) -> dict[str, Any]:
+    """The values of ``config`` (built by ``spec_schema``) for the fields of ``spec``."""
+    return {
+        spec_field.name: getattr(config, spec_field.name)
+        for spec_field in dataclasses.fields(spec)
+        if hasattr(config, spec_field.name)
+    }
+
+
+FeatureConfig = spec_schema(
+    FeatureSpec,
+    "FeatureConfig",
+    """One categorical feature; its table is named after it. Fields: those of FeatureSpec
+    (modules/features.py) but its name (the key) and ``hashing``: this feature's hashing method
+    unless hashing.features names it (null = hashing.method); e.g. none for IDs that already
+    are row numbers in [0, num_embeddings).""",
+    leave_out=("name",),
+    types={"hashing": Optional[str]},
+    defaults={"id_space": MISSING, "num_embeddings": MISSING, "hashing": None},
+)
 
 
 @dataclass
@@ -72,19 +105,16 @@ class FeatureGroupConfig:
     features: Dict[str, FeatureConfig] = field(default_factory=dict)
 
 
-@dataclass
-class GeneratedTablesConfig:
-    """Many similar tables without listing each one (for many-table stress sets)."""
-
-    num_tables: int = 0
-    num_groups: int = 1
-    id_space: int = 1_000_000
-    num_embeddings: int = 10_000
-    ids_per_sample: int = 1
-    zipf_exponent: float = 1.05
-    signal_weight: float = 0.2
-    # Scrambled 63-bit raw IDs (True) or 0..id_space-1 (False), as for listed features.
-    scramble_ids: bool = True
+GeneratedTablesConfig = spec_schema(
+    FeatureSpec,
+    "GeneratedTablesConfig",
+    """Many similar tables without listing each one (for many-table stress sets): num_tables
+    features t000, t001... split over num_groups groups, each with these FeatureSpec fields
+    (modules/features.py), hashed with hashing.method.""",
+    leave_out=("name", "hashing"),
+    defaults={"id_space": 1_000_000, "num_embeddings": 10_000, "signal_weight": 0.2},
+    extra=(("num_tables", int, 0), ("num_groups", int, 1)),
+)
 
 
 @dataclass
@@ -104,27 +134,13 @@ class FeaturesConfig:
         _check_positive("features.num_dense_features", self.num_dense_features)
 
 
-# The hashing methods and managed eviction policies modules/hashing.py implements.
-HASHING_METHODS = METHODS
-
-
 def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingConfig") -> None:
-    if values.method is not None:
-        _check_choice(f"{where}.method", values.method, HASHING_METHODS)
-    if values.num_hashes is not None and values.num_hashes < 1:
-        raise ValueError(f"{where}.num_hashes (k) must be >= 1, got {values.num_hashes}")
-    if values.q is not None and values.q != 0 and values.q < 2:
-        raise ValueError(f"{where}.q must be >= 2 (or 0 = sized from num_embeddings), got {values.q}")
-    if values.importance_rows is not None and values.importance_rows < 0:
-        raise ValueError(f"{where}.importance_rows must be >= 0, got {values.importance_rows}")
-    if values.combine is not None:
-        _check_choice(f"{where}.combine", values.combine, ("sum", "concat", "mult"))
-    if values.num_frequent is not None:
-        _check_positive(f"{where}.num_frequent", values.num_frequent)
-    if values.eviction_policy is not None:
-        _check_choice(f"{where}.eviction_policy", values.eviction_policy, EVICTION_POLICIES)
-    if values.eviction_interval is not None:
-        _check_positive(f"{where}.eviction_interval", values.eviction_interval)
+    """Check every option set (not null) with the spec's own check, naming the config key."""
+    for option in ("method", "num_hashes", "combine", "importance_rows", "q", "num_frequent",
+                   "eviction_policy", "eviction_interval"):
+        value = getattr(values, option)
+        if value is not None:
+            check_hashing_option(f"{where}.{option}", option, value)
 
 
 @dataclass
@@ -213,15 +229,11 @@ class ModelConfig:
         _check_choice("model.interaction", self.interaction, ("dot", "dcn"))
 
 
-@dataclass
-class PlantedSignalConfig:
-    """Weights of the planted click logit of the synthetic data."""
-
-    latent_dim: int = 8
-    pair_weight: float = 1.0
-    id_bias_weight: float = 1.0
-    dense_weight: float = 0.5
-    bias: float = -1.0
+PlantedSignalConfig = spec_schema(
+    PlantedSignal,
+    "PlantedSignalConfig",
+    "Weights of the planted click logit of the synthetic data: PlantedSignal (modules/synthetic.py).",
+)
 
 
 DATA_SOURCES = ("synthetic", "criteo", "parquet")

@@ -19,7 +19,7 @@ from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
 from train.collectives import on_rank_zero
-from train.config import Config
+from train.config import Config, spec_values
 from train.distributed import DistributedContext
 from train.loop import gather_concat
 
@@ -27,19 +27,12 @@ RAW_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
 
 
 def planted_data(config: Config, groups: list[FeatureGroupSpec]) -> PlantedClickData:
-    planted = config.data.planted
     return PlantedClickData(
         groups=groups,
         num_dense_features=config.features.num_dense_features,
         batch_size=config.trainer.batch_size,
         seed=config.trainer.seed,
-        signal=PlantedSignal(
-            latent_dim=planted.latent_dim,
-            pair_weight=planted.pair_weight,
-            id_bias_weight=planted.id_bias_weight,
-            dense_weight=planted.dense_weight,
-            bias=planted.bias,
-        ),
+        signal=PlantedSignal(**spec_values(config.data.planted, PlantedSignal)),
     )
 
 

@@ -1,15 +1,9 @@
-"""The hashing config -> one HashingSpec per feature, and the per-feature hashing report.
-
-Precedence for a feature's method: ``hashing.features.<name>.method``, then the feature's own
-``hashing`` key in its feature set, then ``hashing.method``. Other fields: the per-feature
-override, else the group's value.
-"""
+"""The per-feature hashing report: bytes, rows and collision rates, expected for the declared
+ID space and measured over every rank's eval batches (a collective)."""
 
 from __future__ import annotations
 
 import itertools
-import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -22,102 +16,11 @@ from modules.collisions import (
     measured_collision_rate,
 )
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
-from modules.hashing import HashingSpec, feature_tables
+from modules.hashing import feature_tables
 from modules.id_mapping import HashingIdMapper
 from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
-from train.config import HASHING_METHODS, HashingConfig
 from train.distributed import collective_device
 from train.sharding import OPTIMIZER_STATE_VALUES_PER_ROW
-
-
-
-class FrequencyFile:
-    """Frequent IDs per feature, loaded once (``scripts/count_frequencies.py`` writes it)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._ids: dict[str, torch.Tensor] | None = None
-
-    def ids(self, feature_name: str, count: int | None, num_embeddings: int) -> torch.Tensor:
-        """The first ``count`` IDs; None = as many as listed, up to half the rows."""
-        if not self.path:
-            raise ValueError(
-                f"feature {feature_name}: hashing method frequency needs hashing.frequency_file "
-                f"(write one with scripts/count_frequencies.py)"
-            )
-        if self._ids is None:
-            if not Path(self.path).is_file():
-                raise ValueError(
-                    f"hashing.frequency_file={self.path}: no such file (write it with "
-                    f"python scripts/count_frequencies.py <the job's overrides>)"
-                )
-            content = torch.load(self.path, weights_only=True)
-            self._ids = content["ids"]
-        if feature_name not in self._ids:
-            raise ValueError(
-                f"hashing.frequency_file={self.path} has no counts for feature {feature_name}"
-            )
-        ids = self._ids[feature_name]
-        if count is None:
-            count = max(1, min(ids.numel(), num_embeddings // 2))
-        if ids.numel() < count:
-            raise ValueError(
-                f"hashing.frequency_file={self.path} lists {ids.numel()} IDs for feature "
-                f"{feature_name}, fewer than num_frequent={count}"
-            )
-        return ids[:count].clone()
-
-
-def check_hashing_names(hashing: HashingConfig, feature_names: Iterable[str]) -> None:
-    known = set(feature_names)
-    unknown = sorted(set(hashing.features) - known)
-    if unknown:
-        raise ValueError(
-            f"hashing.features names unknown features {unknown}; features are {sorted(known)}"
-        )
-
-
-def resolve_hashing(
-    hashing: HashingConfig | None,
-    name: str,
-    id_space: int,
-    num_embeddings: int,
-    feature_method: str | None,
-    frequency_file: FrequencyFile | None,
-) -> tuple[int, HashingSpec]:
-    """(rows, spec) of one feature. ``hashing=None`` keeps the pre-hashing baseline: modulo."""
-    if hashing is None:
-        return num_embeddings, HashingSpec("modulo")
-    override = hashing.features.get(name)
-
-    def pick(key: str) -> Any:
-        value = getattr(override, key) if override is not None else None
-        return getattr(hashing, key) if value is None else value
-
-    method = (override.method if override is not None else None) or feature_method or hashing.method
-    if method not in HASHING_METHODS:
-        raise ValueError(
-            f"feature {name}: hashing={method!r} is not one of {', '.join(HASHING_METHODS)}"
-        )
-    if hashing.compression_ratio is not None and method != "none":
-        num_embeddings = max(1, math.ceil(id_space / hashing.compression_ratio))
-    frequent_ids = None
-    if method == "frequency":
-        frequent_ids = (frequency_file or FrequencyFile(None)).ids(
-            name, pick("num_frequent"), num_embeddings
-        )
-    spec = HashingSpec(
-        method=method,
-        num_hashes=pick("num_hashes"),
-        combine=pick("combine") or "",
-        importance_rows=pick("importance_rows"),
-        q=pick("q"),
-        frequent_ids=frequent_ids,
-        seed=hashing.seed,
-        eviction_policy=pick("eviction_policy"),
-        eviction_interval=pick("eviction_interval"),
-    )
-    return num_embeddings, spec
 
 
 def hashing_report(
@@ -231,36 +134,3 @@ def _feature_entry(
             feature, distinct_ids.numel()
         )
     return entry
-
-
-def format_hashing(report: dict[str, dict[str, Any]]) -> str:
-    """The report as a console table, one line per feature."""
-
-    def size(num_bytes: float) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-            if abs(num_bytes) < 1024 or unit == "PiB":
-                return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-            num_bytes /= 1024
-        return ""
-
-    def rate(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.2f}%"
-
-    header = (
-        f"{'feature':<20} {'method':<10} {'id space':>14} {'rows':>12} {'bytes':>10} "
-        f"{'full table':>10} {'exp. coll.':>10} {'eval ids':>9} {'coll.':>7} {'exp.':>7}"
-    )
-    lines = ["hashing (collisions: declared ID space; eval window measured vs expected)", header]
-    lines.append("-" * len(header))
-    for name, entry in report.items():
-        lines.append(
-            f"{name:<20} {entry['method']:<10} {entry['id_space']:>14,} {entry['rows']:>12,} "
-            f"{size(entry['bytes_hashed']):>10} {size(entry['bytes_full']):>10} "
-            f"{rate(entry['expected_collision_rate']):>10} {entry['eval_distinct_ids']:>9,} "
-            f"{rate(entry['measured_collision_rate']):>7} "
-            f"{rate(entry['expected_collision_rate_at_eval_ids']):>7}"
-        )
-    hashed = sum(entry["bytes_hashed"] for entry in report.values())
-    full = sum(entry["bytes_full"] for entry in report.values())
-    lines.append(f"total: {size(hashed)} hashed vs {size(full)} full tables ({full / max(1, hashed):,.0f}x smaller)")
-    return "\n".join(lines)
