@@ -278,11 +278,12 @@ def embedding_bytes_per_rank(placed: list[PlacedTable], world_size: int) -> list
 
 
 def format_bytes(num_bytes: float) -> str:
+    """Bytes in binary units, e.g. 1.5 GiB (the plan's and the hashing report's)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(num_bytes) < 1024 or unit == "TiB":
+        if abs(num_bytes) < 1024:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
-    return f"{num_bytes:.1f} TiB"
+    return f"{num_bytes:.1f} PiB"
 
 
 def format_plan(placed: list[PlacedTable], world_size: int, max_rows: int = 40) -> str:

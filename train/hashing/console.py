@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from train.sharding import format_bytes
+
 
 def format_hashing(report: dict[str, dict[str, Any]]) -> str:
     """The report as a console table, one line per feature."""
-
-    def size(num_bytes: float) -> str:
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-            if abs(num_bytes) < 1024 or unit == "PiB":
-                return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-            num_bytes /= 1024
-        return ""
 
     def rate(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.2f}%"
@@ -27,12 +22,12 @@ def format_hashing(report: dict[str, dict[str, Any]]) -> str:
     for name, entry in report.items():
         lines.append(
             f"{name:<20} {entry['method']:<10} {entry['id_space']:>14,} {entry['rows']:>12,} "
-            f"{size(entry['bytes_hashed']):>10} {size(entry['bytes_full']):>10} "
+            f"{format_bytes(entry['bytes_hashed']):>10} {format_bytes(entry['bytes_full']):>10} "
             f"{rate(entry['expected_collision_rate']):>10} {entry['eval_distinct_ids']:>9,} "
             f"{rate(entry['measured_collision_rate']):>7} "
             f"{rate(entry['expected_collision_rate_at_eval_ids']):>7}"
         )
     hashed = sum(entry["bytes_hashed"] for entry in report.values())
     full = sum(entry["bytes_full"] for entry in report.values())
-    lines.append(f"total: {size(hashed)} hashed vs {size(full)} full tables ({full / max(1, hashed):,.0f}x smaller)")
+    lines.append(f"total: {format_bytes(hashed)} hashed vs {format_bytes(full)} full tables ({full / max(1, hashed):,.0f}x smaller)")
     return "\n".join(lines)
