@@ -46,7 +46,7 @@ HOST_TENSOR_READS = {
     "fbgemm_gpu/split_table_batched_embeddings_ops_training.py:forward",
     "fbgemm_gpu/split_table_batched_embeddings_ops_training.py:_generate_vbe_metadata",
     # hashrec's stop vote: a CPU tensor, reduced on a gloo group of its own
-    # (train/checkpoint_policy.py, StopVote).
+    # (train/collectives.py, AnyRankVote).
     "train/checkpoint_policy.py:vote",
 }
 # C++ code inside loss.backward() has no Python frame of its own. The only such reads are
@@ -307,10 +307,10 @@ def _votes_and_range_errors(rank: int, world_size: int, out_dir: str) -> None:
     from modules.features import FeatureSpec
     from modules.hashing import HashingSpec
     from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
-    from train.checkpoint_policy import StopVote
+    from train.collectives import AnyRankVote
     from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
 
-    vote = StopVote()
+    vote = AnyRankVote()
     # Rank 1 alone gets a signal before the third vote.
     outcomes = [vote.vote(rank == 1 and index >= 2) for index in range(5)]
 

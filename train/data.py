@@ -18,10 +18,9 @@ from modules.data_sources import CriteoSource, DataSource, ParquetSource, Plante
 from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
-from train.collectives import on_rank_zero
+from train.collectives import gather_concat, on_rank_zero
 from train.config import Config
 from train.distributed import DistributedContext
-from train.loop import gather_concat
 
 RAW_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
 

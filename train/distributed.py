@@ -22,6 +22,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+# Re-exported for callers that import it from here (train/hashing.py); it lives with the
+# other collectives.
+from train.collectives import collective_device  # noqa: F401
 from train.install_check import install_problem, seen_on_this_node, use_cuda
 
 
@@ -218,14 +221,6 @@ def init_distributed(timeout_s: float) -> DistributedContext:
         device=device,
         backend=backend,
     )
-
-
-def collective_device() -> torch.device:
-    """Where a tensor handed to a collective must live: the current GPU under nccl (which
-    rejects CPU tensors), the CPU under gloo or without a process group."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def shutdown_distributed() -> None:

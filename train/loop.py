@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from modules.batch import Batch
 from modules.metrics import auc, log_loss, normalized_entropy
-from train.distributed import DistributedContext, collective_device
+from train.collectives import gather_concat, gather_stack, global_mean
+from train.distributed import DistributedContext
 from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
 from train.metrics_logger import MetricsLogger
 from train.optimizers import WarmupDecaySchedule
@@ -36,7 +36,6 @@ from train.progress import Progress
 from train.step_stats import (
     TimedIterator,
     Window,
-    gather_ranks,
     rank_figures,
     window_metrics,
 )
@@ -64,26 +63,6 @@ class TrainResult:
     train_loss: float
     evals: list[EvalResult] = field(default_factory=list)
     train_seconds: float = 0.0
-
-
-def gather_concat(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' [N] tensors concatenated in rank order (equal N on every rank), on the
-    input's device; the gather itself runs where the backend needs it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    local = tensor.to(collective_device())
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return torch.cat(gathered).to(tensor.device)
-
-
-def global_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over ranks (a collective: every rank must call it)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
 
 
 # An optional hook run after every evaluation, on every rank (it may use collectives): takes
@@ -224,7 +203,9 @@ class Trainer:
         figures = rank_figures(
             window, step, batches, window_loss, self.batch_size, self.context.device
         )
-        per_rank = gather_ranks(figures)  # the one host-device sync of the window
+        # Every rank's figures, [world_size, len(RANK_FIGURES)] on the host: the one
+        # host-device sync of the window.
+        per_rank = gather_stack(figures).cpu()
         if not self.context.is_main:
             return
         metrics = window_metrics(

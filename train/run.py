@@ -25,6 +25,7 @@ from train.distributed import (
     shutdown_distributed,
 )
 from train.hashing import format_hashing, hashing_report
+from train.collectives import on_rank_zero, reduce_over_ranks
 from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
 from train.checkpoint_policy import CheckpointPolicy
 from train.loop import Trainer, TrainingStopped
@@ -33,13 +34,8 @@ from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
-from train.summary import (
-    format_summary,
-    peak_rss_bytes,
-    reduce_over_ranks,
-    write_summary,
-)
-
+from train.summary import format_summary, write_summary
+from train.system_info import peak_rss_bytes
 
 
 def quiet_library_logs() -> None:
@@ -279,10 +275,10 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "wandb_dir": metrics.wandb_dir,
         "wall_seconds": time.perf_counter() - started,
     }
-    if context.is_main:
-        write_summary(run_dir, summary)
-        say(format_hashing(summary["hashing"]))
-        say(format_summary(summary))
+    # Rank 0 writes; a failure there (a full disk) reaches every rank as the same error.
+    on_rank_zero(write_summary, run_dir, summary)
+    say(format_hashing(summary["hashing"]))
+    say(format_summary(summary))
     # After summary.json is safe on disk: the hashing table, then W&B's summary and finish.
     metrics.log_hashing(summary["hashing"], result.steps)
     metrics.finish(summary)
