@@ -1,4 +1,4 @@
-"""data config -> a data source (modules/data_sources.py), preprocessing raw Criteo files once.
+"""data config -> a data source (modules/data_sources/), preprocessing raw Criteo files once.
 
 Raw Criteo inputs (``.tsv``, ``.txt``, ``.gz`` files) are preprocessed on rank 0 into
 ``data.cache_dir`` under a key of (path, size, mtime, on_bad_row), while the other ranks wait;
