@@ -47,7 +47,7 @@ HOST_TENSOR_READS = {
     "fbgemm_gpu/split_table_batched_embeddings_ops_training.py:_generate_vbe_metadata",
     # hashrec's stop vote: a CPU tensor, reduced on a gloo group of its own
     # (train/collectives.py, AnyRankVote).
-    "train/checkpoint_policy.py:vote",
+    "train/collectives.py:vote",
 }
 # C++ code inside loss.backward() has no Python frame of its own. The only such reads are
 # DDP's reducer under static_graph (TorchRec's default), which reads its used-parameter map,
@@ -169,7 +169,7 @@ def _train_counting(rank: int, world_size: int, out_dir: str) -> None:
     from train.checkpoint_policy import CheckpointPolicy
     from train.data import planted_data
     from train.distributed import DistributedContext
-    from train.loop import Trainer
+    from train.loop import DataFeed, Reporting, Trainer, TrainingParts
     from train.optimizers import WarmupDecaySchedule
     from train.run import validated
 
@@ -185,13 +185,16 @@ def _train_counting(rank: int, world_size: int, out_dir: str) -> None:
     policy = CheckpointPolicy(Path(out_dir) / "run", job.model, job.optimizer,
                               config.checkpoint, STEPS, lambda _: None)
     trainer = Trainer(
-        model=job.model, optimizer=job.optimizer,
-        schedule=WarmupDecaySchedule(job.optimizer, config.optim), context=context,
-        train_batches=lambda start, stop: prefetched(
-            source.train_batches(rank, world_size, start, stop), depth=2),
-        eval_batches=lambda: source.eval_batches(rank, world_size),
-        batch_size=config.trainer.batch_size, log_every=LOG_EVERY, print_fn=lambda _: None,
-        progress_bar=False, after_step=policy.after_step,
+        TrainingParts(job.model, job.optimizer, WarmupDecaySchedule(job.optimizer, config.optim)),
+        context,
+        DataFeed(
+            train_batches=lambda start, stop: prefetched(
+                source.train_batches(rank, world_size, start, stop), depth=2),
+            eval_batches=lambda: source.eval_batches(rank, world_size),
+            batch_size=config.trainer.batch_size,
+        ),
+        Reporting(log_every=LOG_EVERY, print_fn=lambda _: None, progress_bar=False),
+        hooks=[policy],
     )
     counter = HostReadCounter()
     progress = trainer.pipeline.progress

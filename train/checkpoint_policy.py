@@ -25,11 +25,14 @@ from train.checkpoint import save_checkpoint
 from train.collectives import AnyRankVote
 from train.config import CheckpointConfig
 from train.id_range_checks import raise_if_ids_out_of_range
+from train.loop import TrainingHook
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class CheckpointPolicy:
+class CheckpointPolicy(TrainingHook):
+    """The checkpointing and pre-emption hook of training (``after_step``)."""
+
     # Created at the first vote (every rank votes at the same steps).
     _stop_vote: AnyRankVote | None = None
 
