@@ -160,7 +160,10 @@ class JobData:
 
 
 def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
-    """The phases of a job, top-down: build, data, logging, resume, train, report."""
+    """The phases of a job, top-down: build, data, logging, resume, train, summary, report.
+
+    (Names matter to scripts/count_cuda_syncs.py, which files syncs by frame name: the
+    report phase is not called ``_report``, the loop's logging step.)"""
     say = _printer(context)
     if config.plan_topology.world_size is not None:
         return _plan_target(config, groups, context, say)
@@ -203,7 +206,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     started = time.perf_counter()
     result = _train(config, trainer, checkpoints, metrics, start_step)
     summary = _summary(config, context, job, data, result, hashing, metrics, per_rank, started)
-    _report(run_dir, summary, result, metrics, say)
+    _write_report(run_dir, summary, result, metrics, say)
     return summary
 
 
@@ -346,7 +349,9 @@ def _summary(
     }
 
 
-def _report(run_dir: Path, summary: dict, result: TrainResult, metrics: MetricsLogger, say) -> None:
+def _write_report(
+    run_dir: Path, summary: dict, result: TrainResult, metrics: MetricsLogger, say
+) -> None:
     """summary.json, the console tables, then W&B's summary and finish."""
     # Rank 0 writes; a failure there (a full disk) reaches every rank as the same error.
     on_rank_zero(write_summary, run_dir, summary)
