@@ -1,13 +1,25 @@
-"""Rank 0 works alone, every rank learns the result or the error: on 2 real gloo ranks."""
+"""The collectives of train/collectives.py on 2 real gloo ranks: rank 0 works alone and every
+rank learns the result or the error; gathers, reductions and the first error agree on every
+rank."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
 from tests.helpers import TINY, run_ranks, run_train
-from train.collectives import RankZeroError, on_rank_zero
+from train.collectives import (
+    RankZeroError,
+    barrier,
+    first_error,
+    gather_concat,
+    gather_stack,
+    global_mean,
+    on_rank_zero,
+    reduce_over_ranks,
+)
 
 
 class NeedsTwoArguments(Exception):
@@ -35,6 +47,19 @@ def _pid_and_errors(rank: int, world_size: int) -> None:
         on_rank_zero(fails_oddly)
     # The group still works after errors: the next collective runs normally.
     assert on_rank_zero(lambda: "done") == "done"
+
+    # Gathers, in rank order, on every rank.
+    mine = torch.tensor([[rank, 10 + rank]])
+    assert gather_concat(mine).tolist() == [[0, 10], [1, 11]]
+    assert gather_stack(mine[0]).tolist() == [[0, 10], [1, 11]]
+    cpu = torch.device("cpu")
+    assert reduce_over_ranks(rank + 3, cpu) == 7
+    assert reduce_over_ranks(rank + 3, cpu, "max") == 4
+    assert global_mean(float(rank), cpu) == 0.5
+    # The lowest rank's error, on every rank; None when no rank has one.
+    assert first_error(None) is None
+    assert first_error("disk full" if rank == 1 else None) == "disk full"
+    barrier()
 
 
 def test_every_rank_gets_rank_zeros_result_or_its_error():

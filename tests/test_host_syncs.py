@@ -46,8 +46,8 @@ HOST_TENSOR_READS = {
     "fbgemm_gpu/split_table_batched_embeddings_ops_training.py:forward",
     "fbgemm_gpu/split_table_batched_embeddings_ops_training.py:_generate_vbe_metadata",
     # hashrec's stop vote: a CPU tensor, reduced on a gloo group of its own
-    # (train/checkpoint_policy.py, StopVote).
-    "train/checkpoint_policy.py:vote",
+    # (train/collectives.py, AnyRankVote).
+    "train/collectives.py:vote",
 }
 # C++ code inside loss.backward() has no Python frame of its own. The only such reads are
 # DDP's reducer under static_graph (TorchRec's default), which reads its used-parameter map,
@@ -169,7 +169,7 @@ def _train_counting(rank: int, world_size: int, out_dir: str) -> None:
     from train.checkpoint_policy import CheckpointPolicy
     from train.data import planted_data
     from train.distributed import DistributedContext
-    from train.loop import Trainer
+    from train.loop import DataFeed, Reporting, Trainer, TrainingParts
     from train.optimizers import WarmupDecaySchedule
     from train.run import validated
 
@@ -185,13 +185,16 @@ def _train_counting(rank: int, world_size: int, out_dir: str) -> None:
     policy = CheckpointPolicy(Path(out_dir) / "run", job.model, job.optimizer,
                               config.checkpoint, STEPS, lambda _: None)
     trainer = Trainer(
-        model=job.model, optimizer=job.optimizer,
-        schedule=WarmupDecaySchedule(job.optimizer, config.optim), context=context,
-        train_batches=lambda start, stop: prefetched(
-            source.train_batches(rank, world_size, start, stop), depth=2),
-        eval_batches=lambda: source.eval_batches(rank, world_size),
-        batch_size=config.trainer.batch_size, log_every=LOG_EVERY, print_fn=lambda _: None,
-        progress_bar=False, after_step=policy.after_step,
+        TrainingParts(job.model, job.optimizer, WarmupDecaySchedule(job.optimizer, config.optim)),
+        context,
+        DataFeed(
+            train_batches=lambda start, stop: prefetched(
+                source.train_batches(rank, world_size, start, stop), depth=2),
+            eval_batches=lambda: source.eval_batches(rank, world_size),
+            batch_size=config.trainer.batch_size,
+        ),
+        Reporting(log_every=LOG_EVERY, print_fn=lambda _: None, progress_bar=False),
+        hooks=[policy],
     )
     counter = HostReadCounter()
     progress = trainer.pipeline.progress
@@ -306,10 +309,10 @@ def _votes_and_range_errors(rank: int, world_size: int, out_dir: str) -> None:
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     from modules.features import FeatureSpec, HashingSpec
     from modules.id_mapping import HashingIdMapper, IdOutOfRangeError
-    from train.checkpoint_policy import StopVote
+    from train.collectives import AnyRankVote
     from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
 
-    vote = StopVote()
+    vote = AnyRankVote()
     # Rank 1 alone gets a signal before the third vote.
     outcomes = [vote.vote(rank == 1 and index >= 2) for index in range(5)]
 

@@ -6,17 +6,9 @@ import torch
 
 from tests.helpers import TINY, compose_config, full_tables, run_ranks, train_sharded, train_unsharded
 from train.build import feature_groups
+from train.config import SHARDING_TYPES
 
-SHARDINGS = [
-    "data_parallel",
-    "table_wise",
-    "column_wise",
-    "table_column_wise",
-    "row_wise",
-    "table_row_wise",
-    "mixed",
-    "auto",
-]
+SHARDINGS = [*SHARDING_TYPES, "mixed", "auto"]
 STEPS = 4
 OVERRIDES = [*TINY, "optim=sgd", "sharding.mixed_row_threshold=40"]
 

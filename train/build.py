@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
@@ -168,7 +169,6 @@ def plan_for(
     context: DistributedContext,
 ) -> tuple[ShardingPlan, list[PlacedTable], list[TableInfo], MemoryCaps]:
     tables = table_infos(groups)
-    chosen = chosen_sharding(config, tables)
     # The same rule as plan_only (train/memory_caps.py), read off this rank's own GPU and host.
     caps = local_memory_caps(
         context.device,
@@ -176,20 +176,35 @@ def plan_for(
         config.sharding.hbm_cap_bytes,
         config.sharding.ddr_cap_bytes,
     )
-    planner = build_planner(
-        tables,
-        chosen,
-        world_size=context.world_size,
-        local_world_size=context.local_world_size,
-        device=context.device,
-        batch_size=config.trainer.batch_size,
-        caps=caps,
+    planner = capped_planner(
+        config, tables, context.world_size, context.local_world_size, context.device, caps
     )
     plan = plan_sharding(
         unsharded, planner, job_sharders(config), groups, context.device.type, caps
     )
     placed = placed_tables(plan, tables, context.world_size, config.optim.embedding)
     return plan, placed, tables, caps
+
+
+def capped_planner(
+    config: Config,
+    tables: list[TableInfo],
+    world_size: int,
+    local_world_size: int,
+    device: torch.device,
+    caps: MemoryCaps,
+) -> EmbeddingShardingPlanner:
+    """The planner of a job (this one, or plan_only's target): the config's sharding types
+    per table, checked, over ``world_size`` ranks under the memory ``caps``."""
+    return build_planner(
+        tables,
+        chosen_sharding(config, tables),
+        world_size=world_size,
+        local_world_size=local_world_size,
+        device=device,
+        batch_size=config.trainer.batch_size,
+        caps=caps,
+    )
 
 
 def job_sharders(config: Config) -> list[ModuleSharder]:

@@ -36,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
+from train.collectives import barrier, first_error, on_rank_zero
 from train.tables import table_name_of
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,28 +64,6 @@ def step_dir(root: Path, step: int) -> Path:
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _first_error(error: str | None) -> str | None:
-    """Any rank's error message, on every rank (a collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return error
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((message for message in errors if message), None)
-
-
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def table_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -128,12 +107,12 @@ def save_checkpoint(
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
-        _barrier()
+        barrier()
         dcp.save(_app_state(model, optimizer), checkpoint_id=str(partial))
         torch.save({"rng": torch.get_rng_state(), **(extra or {})}, partial / f"rank_{rank:05d}.pt")
     except (Exception, CheckpointException) as caught:  # any failure must reach every rank
         error = _explain(caught, root)
-    error = _first_error(error)
+    error = first_error(error)
     if error is None and _is_main():
         try:
             meta = {
@@ -155,16 +134,16 @@ def save_checkpoint(
             shutil.rmtree(replaced, ignore_errors=True)
         except OSError as caught:
             error = f"{type(caught).__name__}: {caught}"
-    error = _first_error(error)
+    error = first_error(error)
     if error is not None:
         if _is_main():
             shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
+        barrier()
         raise CheckpointError(f"cannot write checkpoint {final}: {error}")
     if _is_main():
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old.path, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -224,22 +203,14 @@ def check_intact(path: Path) -> str | None:
 
 
 def choose_checkpoint(resume: str, run_dir: Path) -> CheckpointInfo | None:
-    """The checkpoint to resume from (decided on rank 0, shared with every rank).
+    """The checkpoint to resume from (decided on rank 0, shared with every rank; a
+    collective: every rank must call it).
 
     ``auto``: the latest intact checkpoint of the run directory (None when there is none);
     damaged ones are named in a warning and skipped. A path: that checkpoint, which must be
-    intact.
+    intact. Whatever rank 0 raises (CheckpointError, an unreadable folder) every rank raises.
     """
-    choice: Any = None
-    if _is_main():
-        try:
-            choice = _choose(resume, run_dir)
-        except CheckpointError as error:
-            choice = error
-    choice = _broadcast(choice)
-    if isinstance(choice, CheckpointError):
-        raise choice
-    return choice
+    return on_rank_zero(_choose, resume, run_dir)
 
 
 def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:

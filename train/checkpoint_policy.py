@@ -19,54 +19,22 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from train.checkpoint import save_checkpoint
+from train.collectives import AnyRankVote
 from train.config import CheckpointConfig
 from train.id_range_checks import raise_if_ids_out_of_range
+from train.loop import TrainingHook
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class StopVote:
-    """"Did any rank get a stop signal?", agreed on by all ranks off the step's critical path.
+class CheckpointPolicy(TrainingHook):
+    """The checkpointing and pre-emption hook of training (``after_step``)."""
 
-    A vote reduces the ranks' flags on a gloo group of its own, with host tensors, and
-    asynchronously: each call starts this vote's all-reduce and returns the *previous* vote's
-    outcome, which finished long ago (``signal_check_every`` steps of training ran meanwhile),
-    so waiting for it costs nothing. No device is involved (on GPU a vote on the nccl group
-    would need a CUDA tensor and a device-to-host read, a sync every few steps), and the vote
-    never queues between the training's own collectives. Every rank sees the same outcome at
-    the same call, so all stop after the same step and save the same checkpoint; the price is
-    one vote of delay between a signal and the stop.
-    """
-
-    def __init__(self) -> None:
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        # A collective: every rank creates the group at the same call.
-        self.group = dist.new_group(backend="gloo") if distributed else None
-        self.pending: tuple[dist.Work, torch.Tensor] | None = None
-
-    def vote(self, flag: bool) -> bool:
-        """Cast this rank's flag; True if any rank's flag was set at the previous vote (one
-        rank alone: its flag now). A collective: every rank calls it at the same steps."""
-        if self.group is None:
-            return flag
-        if self.pending is not None:
-            work, outcome = self.pending
-            work.wait()
-            if outcome.item():  # a host tensor: no device sync
-                return True  # every rank returns here, so no rank starts another vote
-        ballot = torch.tensor([int(flag)], dtype=torch.int32)  # on the host, for gloo
-        work = dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        self.pending = (work, ballot)
-        return False
-
-
-class CheckpointPolicy:
     # Created at the first vote (every rank votes at the same steps).
-    _stop_vote: StopVote | None = None
+    _stop_vote: AnyRankVote | None = None
 
     def __init__(
         self,
@@ -99,7 +67,7 @@ class CheckpointPolicy:
         """Called by every rank after every step; True = stop training now.
 
         No host-device sync unless a checkpoint is saved (a save reads every shard anyway):
-        the stop vote is a host-side StopVote, acted on one vote after it was cast."""
+        the stop vote is a host-side AnyRankVote (train/collectives.py), acted on one vote after it was cast."""
         every = self.config.every_steps
         if every and step % every == 0 and step < self.total_steps:
             self._save_checked(step)
@@ -117,7 +85,7 @@ class CheckpointPolicy:
 
     def _vote_to_stop(self) -> bool:
         if self._stop_vote is None:
-            self._stop_vote = StopVote()
+            self._stop_vote = AnyRankVote()
         return self._stop_vote.vote(self.signal_received is not None)
 
     def _save_checked(self, step: int) -> None:

@@ -1,5 +1,15 @@
-"""Collectives hashrec's job uses outside the model. Every rank must call each of them, in the
-same order: a collective that one rank skips leaves the others waiting in it for ever.
+"""Every collective hashrec's job uses outside the model, in one place.
+
+Every rank must call each of them, in the same order: a collective that one rank skips leaves
+the others waiting in it for ever. Each works without a process group (or with one rank) too,
+returning what one rank alone would.
+
+- ``on_rank_zero``: rank 0 runs it, every rank gets the result or the exception.
+- ``first_error``: any rank's error message, on every rank.
+- ``barrier``: every rank waits for all.
+- ``gather_concat`` / ``gather_stack``: every rank's tensor, on every rank.
+- ``reduce_over_ranks`` / ``global_mean``: a number summed, maximised or averaged over ranks.
+- ``AnyRankVote``: "did any rank raise its flag?", asynchronously, on a host-side group.
 """
 
 from __future__ import annotations
@@ -7,6 +17,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -64,3 +75,104 @@ def on_rank_zero(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except Exception:  # a class that does not take one message
         rebuilt = RankZeroError(f"{error_type.__name__} on rank 0: {message}")
     raise rebuilt
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the current GPU under nccl (which
+    rejects CPU tensors), the CPU under gloo or without a process group."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank has reached this call. A collective: every rank must call it."""
+    if _distributed():
+        dist.barrier()
+
+
+def first_error(error: str | None) -> str | None:
+    """Any rank's error message (the lowest rank's), on every rank; None when no rank has one.
+    A collective: every rank must call it, with or without an error."""
+    if not _distributed():
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((message for message in errors if message), None)
+
+
+def gather_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' [N, ...] tensors concatenated in rank order ([world_size * N, ...]; equal
+    shapes on every rank), on the input's device; the gather itself runs where the backend
+    needs it. A collective: every rank must call it."""
+    if not _distributed():
+        return tensor
+    local = tensor.to(collective_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.cat(gathered).to(tensor.device)
+
+
+def gather_stack(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' equal-shape tensors stacked in rank order: [world_size, ...] on the input's
+    device. A collective: every rank must call it."""
+    return gather_concat(tensor.unsqueeze(0))
+
+
+def reduce_over_ranks(value: int, device: torch.device, op: str = "sum") -> int:
+    """An integer summed (``sum``) or maximised (``max``) over ranks. A collective: every rank
+    must call it."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return int(tensor)
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    """Mean of a float over ranks. A collective: every rank must call it."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+class AnyRankVote:
+    """"Did any rank raise its flag?", agreed on by all ranks off the step's critical path.
+
+    A vote reduces the ranks' flags on a gloo group of its own, with host tensors, and
+    asynchronously: each call starts this vote's all-reduce and returns the *previous* vote's
+    outcome, which finished long ago (the caller votes every few steps), so waiting for it
+    costs nothing. No device is involved (on GPU a vote on the nccl group would need a CUDA
+    tensor and a device-to-host read, a sync at every vote), and the vote never queues between
+    the training's own collectives. Every rank sees the same outcome at the same call; the
+    price is one vote of delay between a flag and its outcome.
+
+    Creating one is a collective (it makes the group), and so is every ``vote``: every rank
+    must create it at the same point and vote at the same steps.
+    """
+
+    def __init__(self) -> None:
+        # A collective: every rank creates the group at the same call.
+        self.group = dist.new_group(backend="gloo") if _distributed() else None
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def vote(self, flag: bool) -> bool:
+        """Cast this rank's flag; True if any rank's flag was set at the previous vote (one
+        rank alone: its flag now). A collective: every rank must call it at the same steps."""
+        if self.group is None:
+            return flag
+        if self.pending is not None:
+            work, outcome = self.pending
+            work.wait()
+            if outcome.item():  # a host tensor: no device sync
+                return True  # every rank returns here, so no rank starts another vote
+        ballot = torch.tensor([int(flag)], dtype=torch.int32)  # on the host, for gloo
+        work = dist.all_reduce(ballot, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, ballot)
+        return False

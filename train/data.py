@@ -1,4 +1,4 @@
-"""data config -> a data source (modules/data_sources.py), preprocessing raw Criteo files once.
+"""data config -> a data source (modules/data_sources/), preprocessing raw Criteo files once.
 
 Raw Criteo inputs (``.tsv``, ``.txt``, ``.gz`` files) are preprocessed on rank 0 into
 ``data.cache_dir`` under a key of (path, size, mtime, on_bad_row), while the other ranks wait;
@@ -18,10 +18,9 @@ from modules.data_sources import CriteoSource, DataSource, ParquetSource, Plante
 from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
-from train.collectives import on_rank_zero
+from train.collectives import gather_concat, on_rank_zero
 from train.config import Config, spec_values
 from train.distributed import DistributedContext
-from train.loop import gather_concat
 
 RAW_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
 

@@ -220,14 +220,6 @@ def init_distributed(timeout_s: float) -> DistributedContext:
     )
 
 
-def collective_device() -> torch.device:
-    """Where a tensor handed to a collective must live: the current GPU under nccl (which
-    rejects CPU tensors), the CPU under gloo or without a process group."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

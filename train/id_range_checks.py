@@ -15,11 +15,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from modules.id_mapping import HashingIdMapper
-from train.distributed import collective_device
+from train.collectives import gather_concat
 
 
 def range_checked_mappers(model: nn.Module) -> list[HashingIdMapper]:
@@ -45,13 +44,7 @@ def deferred_id_range_errors(model: nn.Module) -> Iterator[None]:
 def _all_records(mappers: list[HashingIdMapper]) -> list[list[int]]:
     """Every rank's records, rank after rank: [world_size * len(mappers)] x 3. A collective;
     reading them on the host is a sync, which is why this runs only at logging steps."""
-    local = torch.stack([m.out_of_range for m in mappers])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        local = local.to(collective_device())
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        local = torch.cat(gathered)
-    return local.tolist()
+    return gather_concat(torch.stack([m.out_of_range for m in mappers])).tolist()
 
 
 def raise_if_ids_out_of_range(model: nn.Module) -> None:

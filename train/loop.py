@@ -20,15 +20,15 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from modules.batch import Batch
 from modules.metrics import auc, log_loss, normalized_entropy
-from train.distributed import DistributedContext, collective_device
+from train.collectives import gather_concat, gather_stack, global_mean
+from train.distributed import DistributedContext
 from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
 from train.metrics_logger import MetricsLogger
 from train.optimizers import WarmupDecaySchedule
@@ -36,7 +36,6 @@ from train.progress import Progress
 from train.step_stats import (
     TimedIterator,
     Window,
-    gather_ranks,
     rank_figures,
     window_metrics,
 )
@@ -66,30 +65,52 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def gather_concat(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' [N] tensors concatenated in rank order (equal N on every rank), on the
-    input's device; the gather itself runs where the backend needs it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    local = tensor.to(collective_device())
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return torch.cat(gathered).to(tensor.device)
+@dataclass
+class TrainingParts:
+    """What to train: the (sharded) model, its optimizer and the learning-rate schedule."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupDecaySchedule
 
 
-def global_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over ranks (a collective: every rank must call it)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
+@dataclass
+class DataFeed:
+    """This rank's batches: ``train_batches(start_step, stop_step)`` and ``eval_batches()``
+    (the same count on every rank), each of ``batch_size`` samples; ``num_eval_batches`` sizes
+    the eval progress bar (None: unknown)."""
+
+    train_batches: Callable[[int, int], Iterator[Batch]]
+    eval_batches: Callable[[], Iterator[Batch]]
+    batch_size: int
+    num_eval_batches: int | None = None
 
 
-# An optional hook run after every evaluation, on every rank (it may use collectives): takes
-# the global step, returns extra metrics to log with the eval/ keys, full keys included, e.g.
-# {"eval/bayes_auc": 0.756, "hash/user_id/collision_rate": 0.012}. Rank 0's dict is logged.
-EvalExtras = Callable[[int], dict[str, float]]
+@dataclass
+class Reporting:
+    """How the loop reports: gathered figures every ``log_every`` steps, logged by rank 0
+    through ``metrics`` (None: not logged) and printed with ``print_fn``; ``planned_embedding_
+    bytes`` per rank (the plan's figure, next to the measured one in mem/ keys)."""
+
+    log_every: int
+    print_fn: Callable[[str], None]
+    metrics: MetricsLogger | None = None
+    progress_bar: bool = True
+    planned_embedding_bytes: list[int] | None = None
+
+
+class TrainingHook:
+    """Work the loop hands off, called on every rank at the same points, so a hook may use
+    collectives: ``after_step`` after every training step (True stops training with
+    TrainingStopped), ``after_eval`` after every evaluation (extra metrics to log with the
+    eval/ keys, full keys included, e.g. {"hash/user_id/collision_rate": 0.012}; rank 0's are
+    logged). The loop calls every hook at every point, whatever the others return."""
+
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def after_eval(self, step: int) -> dict[str, float]:
+        return {}
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -135,59 +156,57 @@ class TrainingStopped(Exception):
 class Trainer:
     """Runs ``steps`` training steps with an evaluation every ``eval_every`` steps.
 
-    Every ``log_every`` steps (and at each segment's end) all ranks gather their throughput,
-    step-time split and memory (one all_gather, see ``train/step_stats.py``) and rank 0 logs
-    them through ``metrics`` and reports progress; each evaluation logs ``eval/`` keys plus
-    whatever ``eval_extras`` returns.
+    Every ``reporting.log_every`` steps (and at each segment's end) all ranks gather their
+    throughput, step-time split and memory (one all_gather, see ``train/step_stats.py``) and
+    rank 0 logs them and reports progress; each evaluation logs ``eval/`` keys plus whatever
+    the hooks' ``after_eval`` return.
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: WarmupDecaySchedule,
+        parts: TrainingParts,
         context: DistributedContext,
-        train_batches: Callable[[int, int], Iterator[Batch]],
-        eval_batches: Callable[[], Iterator[Batch]],
-        batch_size: int,
-        log_every: int,
-        print_fn: Callable[[str], None],
-        metrics: MetricsLogger | None = None,
-        planned_embedding_bytes: list[int] | None = None,
-        eval_extras: EvalExtras | None = None,
-        num_eval_batches: int | None = None,
-        progress_bar: bool = True,
-        after_step: Callable[[int], bool] | None = None,
+        data: DataFeed,
+        reporting: Reporting,
+        hooks: Sequence[TrainingHook] = (),
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.schedule = schedule
+        self.model = parts.model
+        self.optimizer = parts.optimizer
+        self.schedule = parts.schedule
         self.context = context
-        self.train_batches = train_batches
-        self.eval_batches = eval_batches
-        self.batch_size = batch_size
-        self.log_every = log_every
-        self.print = print_fn
-        self.metrics = metrics
-        self.planned_embedding_bytes = planned_embedding_bytes or [0] * context.world_size
-        self.eval_extras = eval_extras
-        self.num_eval_batches = num_eval_batches
-        self.progress_bar = progress_bar
-        # Called with the number of steps done after every step (checkpoints, pre-emption);
-        # returning True stops training with TrainingStopped. Every rank calls it.
-        self.after_step = after_step
+        self.data = data
+        self.reporting = reporting
+        self.hooks = list(hooks)
+        self.batch_size = data.batch_size
+        self.log_every = reporting.log_every
+        self.metrics = reporting.metrics
+        self.planned_embedding_bytes = (
+            reporting.planned_embedding_bytes or [0] * context.world_size
+        )
         self.progress = Progress(enabled=False, total_steps=0)
         self._measured_embedding_bytes: list[int] | None = None
         quiet_postproc_stream_warning(context.device)
         # On CUDA the pipeline gives the mappers (postprocs) its data-dist stream itself.
         self.pipeline = TrainPipelineSparseDist(
-            model,
-            optimizer,
+            self.model,
+            self.optimizer,
             context.device,
             execute_all_batches=True,
             # Runs the raw-ID -> row mapping as a pipelined postproc so the EBCs stay pipelined.
             pipeline_postproc=True,
         )
+
+    def _after_step(self, step: int) -> bool:
+        """Every hook, on every rank (hooks may use collectives); True = some hook stops."""
+        stops = [hook.after_step(step) for hook in self.hooks]
+        return any(stops)
+
+    def _after_eval(self, step: int) -> dict[str, float]:
+        """Every hook's extra eval metrics, on every rank (hooks may use collectives)."""
+        extras: dict[str, float] = {}
+        for hook in self.hooks:
+            extras.update(hook.after_eval(step))
+        return extras
 
     def _run_segment(self, start: int, stop: int, losses: deque[torch.Tensor]) -> None:
         """Train steps [start, stop). Loss tensors are kept, not converted: converting is a
@@ -196,7 +215,7 @@ class Trainer:
         self.pipeline.reset()
         # The pipeline pulls batches inside progress(); timing next() splits data wait
         # from forward + backward + optimizer.
-        batches = TimedIterator(self.train_batches(start, stop))
+        batches = TimedIterator(self.data.train_batches(start, stop))
         window = Window.open(start, batches)
         self.progress.start_training(start)
         with deferred_id_range_errors(self.model):
@@ -209,7 +228,7 @@ class Trainer:
                 if (step + 1) % self.log_every == 0 or step + 1 == stop:
                     self._report(step + 1, window, batches, losses)
                     window = Window.open(step + 1, batches)
-                if self.after_step is not None and self.after_step(step + 1):
+                if self._after_step(step + 1):
                     raise TrainingStopped(step + 1)
 
     def _report(
@@ -224,7 +243,9 @@ class Trainer:
         figures = rank_figures(
             window, step, batches, window_loss, self.batch_size, self.context.device
         )
-        per_rank = gather_ranks(figures)  # the one host-device sync of the window
+        # Every rank's figures, [world_size, len(RANK_FIGURES)] on the host: the one
+        # host-device sync of the window.
+        per_rank = gather_stack(figures).cpu()
         if not self.context.is_main:
             return
         metrics = window_metrics(
@@ -251,9 +272,9 @@ class Trainer:
         started = time.perf_counter()
         self.model.eval()
         self.pipeline.reset()
-        batches = self.eval_batches()
+        batches = self.data.eval_batches()
         logits, labels = [], []
-        self.progress.start_eval(self.num_eval_batches)
+        self.progress.start_eval(self.data.num_eval_batches)
         with deferred_id_range_errors(self.model):
             while True:
                 try:
@@ -277,7 +298,7 @@ class Trainer:
             num_samples=all_labels.numel(),
             seconds=time.perf_counter() - started,
         )
-        extras = self.eval_extras(step) if self.eval_extras is not None else {}
+        extras = self._after_eval(step)
         if self.metrics is not None:
             self.metrics.log(
                 {
@@ -303,8 +324,8 @@ class Trainer:
         self.progress = Progress(
             enabled=self.context.is_main,
             total_steps=steps,
-            use_bar=None if self.progress_bar else False,
-            print_fn=self.print,
+            use_bar=None if self.reporting.progress_bar else False,
+            print_fn=self.reporting.print_fn,
         )
         # Measured once (a collective): what each rank really holds for its tables, next to
         # the plan's figure in every mem/ report.

@@ -28,7 +28,8 @@ from train.config import Config, LoggerConfig
 from train.distributed import DistributedContext
 from train.sharding import PlacedTable
 from train.system_info import system_facts
-from train.wandb_logger import WandbRun, json_safe
+from train.summary import json_safe
+from train.wandb_logger import WandbRun
 
 METRICS_FILE = "metrics.jsonl"
 PLAN_COLUMNS = ["table", "sharding_type", "ranks", "rows", "dim", "bytes", "bytes_per_rank"]

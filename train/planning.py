@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from modules.features import FeatureGroupSpec
-from train.build import chosen_sharding, job_sharders, meta_model_with_fused_optimizer
+from train.build import capped_planner, job_sharders, meta_model_with_fused_optimizer
 from train.config import Config
 from train.memory_caps import MemoryCaps, memory_caps
 from train.sharding import (
     PlacedTable,
-    build_planner,
     format_bytes,
     placed_tables,
     plan_or_explain,
@@ -41,7 +40,6 @@ def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetP
     target = config.plan_topology
     model = meta_model_with_fused_optimizer(config, groups, target.world_size)
     tables = table_infos(groups)
-    chosen = chosen_sharding(config, tables)
     local_world_size = min(target.local_world_size, target.world_size)
     # The same rule as a real job (train/memory_caps.py), on the memory the target declares.
     caps = memory_caps(
@@ -52,14 +50,9 @@ def plan_for_topology(config: Config, groups: list[FeatureGroupSpec]) -> TargetP
         config.sharding.hbm_cap_bytes,
         config.sharding.ddr_cap_bytes,
     )
-    planner = build_planner(
-        tables,
-        chosen,
-        world_size=target.world_size,
-        local_world_size=local_world_size,
-        device=torch.device(target.compute_device),
-        batch_size=config.trainer.batch_size,
-        caps=caps,
+    planner = capped_planner(
+        config, tables, target.world_size, local_world_size,
+        torch.device(target.compute_device), caps,
     )
     plan = plan_or_explain(
         lambda: planner.plan(model, job_sharders(config)), groups, target.world_size,

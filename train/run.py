@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from modules.batch import Batch
-from modules.prefetch import pin_batches_for, prefetched
+from modules.data_sources import DataSource
 from modules.id_mapping import IdOutOfRangeError
+from modules.prefetch import pin_batches_for, prefetched
 from modules.tabular import BadRowError
-from train.build import build_sharded_job, dense_autocast, feature_groups
-from train.data import build_data_source
+from train.build import ShardedJob, build_sharded_job, dense_autocast, feature_groups
+from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
+from train.checkpoint_policy import CheckpointPolicy
+from train.collectives import on_rank_zero, reduce_over_ranks
 from train.config import Config
 from train.cpu_affinity import pin_local_rank
 from train.distributed import (
@@ -24,22 +28,25 @@ from train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from train.hashing import format_hashing, hashing_report
-from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
-from train.checkpoint_policy import CheckpointPolicy
-from train.loop import Trainer, TrainingStopped
-from train.metrics_logger import hashing_metrics, start_run_logging
+from train.eval_hooks import FixedEvalMetrics, HashingReportHook
+from train.data import build_data_source
+from train.hashing import format_hashing
+from train.loop import (
+    DataFeed,
+    Reporting,
+    Trainer,
+    TrainingHook,
+    TrainingParts,
+    TrainingStopped,
+    TrainResult,
+)
+from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
-from train.summary import (
-    format_summary,
-    peak_rss_bytes,
-    reduce_over_ranks,
-    write_summary,
-)
-
+from train.summary import format_summary, write_summary
+from train.system_info import peak_rss_bytes
 
 
 def quiet_library_logs() -> None:
@@ -142,11 +149,22 @@ def _plan_target(config: Config, groups, context: DistributedContext, say) -> di
     }
 
 
-def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
-    def say(message: str) -> None:
-        if context.is_main:
-            print(message, flush=True)
+@dataclass
+class JobData:
+    """The job's data: its source, this rank's batch streams, and the planted data's
+    Bayes-optimal eval AUC (None for real data)."""
 
+    source: DataSource
+    feed: DataFeed
+    eval_bayes_auc: float | None
+
+
+def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
+    """The phases of a job, top-down: build, data, logging, resume, train, summary, report.
+
+    (Names matter to scripts/count_cuda_syncs.py, which files syncs by frame name: the
+    report phase is not called ``_report``, the loop's logging step.)"""
+    say = _printer(context)
     if config.plan_topology.world_size is not None:
         return _plan_target(config, groups, context, say)
     say(
@@ -154,19 +172,67 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
+    job = _build(config, groups, context, say)
+    per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
+    if config.plan_only:
+        return {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
+    data = _data(config, groups, context, say)
+    metrics = _start_logging(config, context, run_dir, job, say)
+    start_step = resume_if_asked(config, job, run_dir, say)
+    # The hooks the loop calls on every rank: checkpoints and pre-emption after every step;
+    # the hashing report (and the planted data's Bayes AUC) after every eval.
+    checkpoints = CheckpointPolicy(
+        run_dir, job.model, job.optimizer, config.checkpoint, config.trainer.steps, say
+    )
+    hashing = HashingReportHook(
+        groups, config.optim.embedding, data.feed.eval_batches, job.model
+    )
+    hooks: list[TrainingHook] = [checkpoints, hashing]
+    if data.eval_bayes_auc is not None:
+        hooks.append(FixedEvalMetrics({"eval/bayes_auc": data.eval_bayes_auc}))
+    trainer = Trainer(
+        TrainingParts(job.model, job.optimizer, WarmupDecaySchedule(job.optimizer, config.optim)),
+        context,
+        data.feed,
+        Reporting(
+            log_every=config.logger.log_every,
+            print_fn=say,
+            metrics=metrics,
+            progress_bar=config.logger.progress_bar,
+            planned_embedding_bytes=per_rank,
+        ),
+        hooks,
+    )
+    started = time.perf_counter()
+    result = _train(config, trainer, checkpoints, metrics, start_step)
+    summary = _summary(config, context, job, data, result, hashing, metrics, per_rank, started)
+    _write_report(run_dir, summary, result, metrics, say)
+    return summary
+
+
+def _printer(context: DistributedContext) -> Callable[[str], None]:
+    """print on rank 0, nothing elsewhere."""
+
+    def say(message: str) -> None:
+        if context.is_main:
+            print(message, flush=True)
+
+    return say
+
+
+def _build(config: Config, groups, context: DistributedContext, say) -> ShardedJob:
+    """Plan, shard and initialise the model and its optimizer; print the plan."""
     try:
         job = build_sharded_job(config, groups, context)
     except ValueError as error:  # sharding choices and model shapes the config asked for
         raise ConfigError(str(error)) from error
     say("sharding plan\n" + format_plan(job.placed, context.world_size))
     say(job.caps.describe())
-    per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
-    sharding = {
-        table.name: {"type": table.sharding_type, "ranks": table.ranks} for table in job.placed
-    }
-    if config.plan_only:
-        return {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
+    return job
 
+
+def _data(config: Config, groups, context: DistributedContext, say) -> JobData:
+    """The data source and this rank's train (prefetched) and eval batch streams."""
     try:
         source, eval_bayes_auc = build_data_source(config, groups, context)
     except (ValueError, OSError) as error:  # missing paths, malformed rows, wrong columns
@@ -184,7 +250,20 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     def eval_batches() -> Iterator[Batch]:
         return source.eval_batches(rank, world_size)
 
-    # W&B + metrics.jsonl on rank 0 (no-op elsewhere): config, system facts, plan table.
+    feed = DataFeed(
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        batch_size=config.trainer.batch_size,
+        num_eval_batches=config.data.eval_batches if config.data.source == "synthetic" else None,
+    )
+    return JobData(source=source, feed=feed, eval_bayes_auc=eval_bayes_auc)
+
+
+def _start_logging(
+    config: Config, context: DistributedContext, run_dir: Path, job: ShardedJob, say
+) -> MetricsLogger:
+    """W&B + metrics.jsonl on rank 0 (no-op elsewhere), then CPU pinning (a collective)."""
+    # Config, system facts, plan table.
     metrics = start_run_logging(config, context, run_dir, job.placed)
     # After W&B has started its service process, which would otherwise share rank 0's cores.
     # A collective; GPU ranks get cores near their GPU.
@@ -193,48 +272,18 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         if cores is not None:
             say(f"cpu affinity: each of the {context.local_world_size} ranks on a host "
                 f"pinned to {len(cores)} CPU(s) of its own, one intra-op thread per core")
-    hashing_at_eval: dict = {}
-    # Managed features' rows follow their live maps: measure them again at every eval.
-    has_managed = any(f.hashing.method == "managed" for g in groups for f in g.features)
+    return metrics
 
-    def hashing_now() -> dict:
-        return hashing_report(groups, config.optim.embedding, eval_batches(), model=job.model)
 
-    def eval_extras(step: int) -> dict[str, float]:
-        """eval/bayes_auc and hash/<feature>/<stat> after each eval. Runs on every rank
-        (hashing_report is a collective); without managed features the report is a fixed
-        function of the eval window and the hashing, so it is measured once and reused for
-        summary.json."""
-        if not hashing_at_eval or has_managed:
-            hashing_at_eval.update(hashing_now())
-        extras = hashing_metrics(hashing_at_eval)
-        if eval_bayes_auc is not None:
-            extras["eval/bayes_auc"] = eval_bayes_auc
-        return extras
-
-    start_step = resume_if_asked(config, job, run_dir, say)
-    checkpoints = CheckpointPolicy(
-        run_dir, job.model, job.optimizer, config.checkpoint, config.trainer.steps, say
-    )
-    schedule = WarmupDecaySchedule(job.optimizer, config.optim)
-    trainer = Trainer(
-        model=job.model,
-        optimizer=job.optimizer,
-        schedule=schedule,
-        context=context,
-        train_batches=train_batches,
-        eval_batches=eval_batches,
-        batch_size=config.trainer.batch_size,
-        log_every=config.logger.log_every,
-        print_fn=say,
-        metrics=metrics,
-        planned_embedding_bytes=per_rank,
-        eval_extras=eval_extras,
-        num_eval_batches=config.data.eval_batches if config.data.source == "synthetic" else None,
-        progress_bar=config.logger.progress_bar,
-        after_step=checkpoints.after_step,
-    )
-    started = time.perf_counter()
+def _train(
+    config: Config,
+    trainer: Trainer,
+    checkpoints: CheckpointPolicy,
+    metrics: MetricsLogger,
+    start_step: int,
+) -> TrainResult:
+    """Train to trainer.steps (catching stop signals), save the last checkpoint; a stop or
+    bad input ends the W&B run with its exit code and becomes Stopped or ConfigError."""
     try:
         with checkpoints.signals():
             result = trainer.train(config.trainer.steps, config.trainer.eval_every, start_step)
@@ -253,8 +302,24 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
     except BaseException:
         metrics.finish(None, exit_code=1)
         raise
+    return result
+
+
+def _summary(
+    config: Config,
+    context: DistributedContext,
+    job: ShardedJob,
+    data: JobData,
+    result: TrainResult,
+    hashing: HashingReportHook,
+    metrics: MetricsLogger,
+    per_rank: list[int],
+    started: float,
+) -> dict:
+    """summary.json's contents, the same on every rank (collectives: every rank calls it)."""
     final_eval = result.evals[-1]
-    summary = {
+    source = data.source
+    return {
         "world_size": context.world_size,
         "precision": "bf16" if dense_autocast(config.trainer.precision) else "fp32",
         "steps": result.steps,
@@ -262,28 +327,36 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         "samples_per_sec": result.samples_per_sec,
         "train_loss": result.train_loss,
         "eval_auc": final_eval.auc,
-        "eval_bayes_auc": eval_bayes_auc,
+        "eval_bayes_auc": data.eval_bayes_auc,
         "eval_ne": final_eval.normalized_entropy,
         "eval_log_loss": final_eval.log_loss,
         "evals": [vars(item) for item in result.evals],
-        "state_digest": state_digest(job.model, job.optimizer, rank),
+        "state_digest": state_digest(job.model, job.optimizer, context.rank),
         "peak_rss_bytes": reduce_over_ranks(peak_rss_bytes(), context.device, "max"),
         "embedding_bytes": sum(per_rank),
         "embedding_bytes_per_rank": per_rank,
-        "sharding": sharding,
+        "sharding": {
+            table.name: {"type": table.sharding_type, "ranks": table.ranks}
+            for table in job.placed
+        },
         "skipped_rows": source.skipped_rows
         if source.skipped_rows_are_global
         else reduce_over_ranks(source.skipped_rows, context.device),
         # Per feature: rows, bytes, expected and measured collisions (a collective).
-        "hashing": dict(hashing_at_eval) or hashing_now(),
+        "hashing": hashing.final(),
         "wandb_dir": metrics.wandb_dir,
         "wall_seconds": time.perf_counter() - started,
     }
-    if context.is_main:
-        write_summary(run_dir, summary)
-        say(format_hashing(summary["hashing"]))
-        say(format_summary(summary))
+
+
+def _write_report(
+    run_dir: Path, summary: dict, result: TrainResult, metrics: MetricsLogger, say
+) -> None:
+    """summary.json, the console tables, then W&B's summary and finish."""
+    # Rank 0 writes; a failure there (a full disk) reaches every rank as the same error.
+    on_rank_zero(write_summary, run_dir, summary)
+    say(format_hashing(summary["hashing"]))
+    say(format_summary(summary))
     # After summary.json is safe on disk: the hashing table, then W&B's summary and finish.
     metrics.log_hashing(summary["hashing"], result.steps)
     metrics.finish(summary)
-    return summary

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from modules.hash_functions import hash64, logical_shift_right, seed_salt
-from train.distributed import collective_device
+from train.collectives import collective_device
 from train.tables import tensor_blocks
 
 _CHUNK = 1 << 18  # values per chunk: the hash passes stay in cache

@@ -4,8 +4,8 @@ The loop measures a *window* of steps (the steps since the last report) on every
 time, the part of it spent waiting for the next batch (``TimedIterator`` times the ``next()``
 calls the train pipeline makes; batches are made inside those calls), and the rest, which is
 forward + backward + optimizer + the pipeline's input all-to-all. At the window's end each rank
-packs its figures into one float64 vector and one ``all_gather`` brings all ranks' vectors to
-every rank: one collective per window, none per step.
+packs its figures into one float64 vector and one ``all_gather`` (``gather_stack`` in
+``train/collectives.py``) brings all ranks' vectors to every rank: one collective per window, none per step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
 import torch
-import torch.distributed as dist
 
 from train.system_info import cuda_memory_bytes, peak_rss_bytes, rss_bytes
 
@@ -103,18 +102,6 @@ def rank_figures(
         dtype=torch.float64,
     )
     return torch.cat([window_loss.detach().to(torch.float64).reshape(1), host.to(device)])
-
-
-def gather_ranks(figures: torch.Tensor) -> torch.Tensor:
-    """[world_size, len(RANK_FIGURES)] on the host (a collective: every rank calls it, then
-    the one host-device sync of the window)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [torch.empty_like(figures) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, figures)
-        figures = torch.stack(gathered)
-    else:
-        figures = figures.unsqueeze(0)
-    return figures.cpu()
 
 
 def window_metrics(

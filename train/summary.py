@@ -5,36 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reduce_over_ranks(value: int, device: torch.device, op: str = "sum") -> int:
-    """An integer summed (``sum``) or maximised (``max``) over ranks (a collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return int(tensor)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively (JSON and W&B both choke on them); keys become strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -43,7 +25,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_safe(summary), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(summary), indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
 

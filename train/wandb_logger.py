@@ -13,7 +13,6 @@ continues the same W&B run (``resume="allow"``). ``logger.run_id`` forces an id.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import string
@@ -22,23 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from train.config import LoggerConfig
+from train.summary import json_safe
 
 RUN_ID_FILE = "hashrec_run_id"
 
 
 def _warn(message: str) -> None:
     print(f"hashrec: warning: {message}", file=sys.stderr, flush=True)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None, recursively (W&B and JSON both choke on them in summaries)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def new_run_id() -> str:

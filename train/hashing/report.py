@@ -19,7 +19,7 @@ from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
 from modules.hashing import feature_tables
 from modules.id_mapping import HashingIdMapper
 from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
-from train.distributed import collective_device
+from train.collectives import collective_device
 from train.sharding import OPTIMIZER_STATE_VALUES_PER_ROW
 
 

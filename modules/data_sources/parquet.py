@@ -1,116 +1,17 @@
-"""Where batches come from: planted synthetic data, preprocessed Criteo shards, Parquet.
-
-Every source gives each rank its own stream and the same number of batches per step on every
-rank (sharded lookups are collectives: all ranks must run the same batches count).
-
-    source.train_batches(rank, world_size, start_step, stop_step) -> Iterator[Batch]
-    source.eval_batches(rank, world_size) -> Iterator[Batch]
-"""
+"""A directory of Parquet files as a data source."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 
 from modules.batch import Batch
-from modules.criteo import CATEGORICAL_NAMES, NUM_DENSE, CriteoColumns
-from modules.features import FeatureGroupSpec, all_features
-from modules.synthetic import PlantedClickData
+from modules.data_sources.source import check_feature_columns
+from modules.features import FeatureGroupSpec
 from modules.tabular import MISSING_ID, columns_to_batch, finite_dense_rows
-
-
-class DataSource(Protocol):
-    # Malformed rows skipped (data.on_bad_row=skip). Counted per rank unless
-    # skipped_rows_are_global (then every rank reports the same, job-wide number).
-    skipped_rows: int
-    skipped_rows_are_global: bool
-
-    def train_batches(
-        self, rank: int, world_size: int, start_step: int, stop_step: int
-    ) -> Iterator[Batch]: ...
-
-    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]: ...
-
-
-class PlantedSource:
-    """Synthetic planted-signal data (modules/synthetic.py): batch = f(seed, split, rank, step)."""
-
-    skipped_rows = 0
-    skipped_rows_are_global = True
-
-    def __init__(self, data: PlantedClickData, num_eval_batches: int) -> None:
-        self.data = data
-        self.num_eval_batches = num_eval_batches
-
-    def train_batches(self, rank, world_size, start_step, stop_step):
-        for step in range(start_step, stop_step):
-            yield self.data.batch("train", rank, step)[0]
-
-    def eval_batches(self, rank, world_size):
-        for step in range(self.num_eval_batches):
-            yield self.data.batch("eval", rank, step)[0]
-
-
-def check_feature_columns(groups: list[FeatureGroupSpec], columns: list[str], source: str) -> None:
-    """Every configured feature must name a categorical column of the data."""
-    missing = [f.name for f in all_features(groups) if f.name not in columns]
-    if missing:
-        raise ValueError(
-            f"{source}: features {missing} have no categorical column (columns: {columns})"
-        )
-
-
-class CriteoSource:
-    """Preprocessed Criteo shards (scripts/preprocess_criteo.py), memory-mapped.
-
-    Train: step s of rank r reads rows [(s * world + r) * B, +B) of the train split, wrapping
-    around at the end (epochs), so a batch is a pure function of (step, rank). Eval: the
-    held-out split is cut into ``world`` equal slices (dropping at most world-1 rows), each
-    rank evaluating its slice in batches of B.
-    """
-
-    def __init__(
-        self, train_dir: Path, eval_dir: Path, groups: list[FeatureGroupSpec], batch_size: int,
-        num_dense_features: int,
-    ) -> None:
-        if num_dense_features != NUM_DENSE:
-            raise ValueError(
-                f"Criteo data has {NUM_DENSE} dense features; features.num_dense_features is "
-                f"{num_dense_features}"
-            )
-        check_feature_columns(groups, CATEGORICAL_NAMES, "Criteo data")
-        self.train = CriteoColumns(train_dir)
-        self.eval = CriteoColumns(eval_dir)
-        self.groups = groups
-        self.batch_size = batch_size
-        # Counted once for the whole split by the preprocessing.
-        self.skipped_rows = self.train.skipped_rows + self.eval.skipped_rows
-        self.skipped_rows_are_global = True
-        self._columns = {name: index for index, name in enumerate(CATEGORICAL_NAMES)}
-
-    def _batch(self, block) -> Batch:
-        categorical = {
-            f.name: block.categorical[:, self._columns[f.name]] for f in all_features(self.groups)
-        }
-        return columns_to_batch(block.labels, block.dense, categorical, self.groups)
-
-    def train_batches(self, rank, world_size, start_step, stop_step):
-        for step in range(start_step, stop_step):
-            start = (step * world_size + rank) * self.batch_size
-            yield self._batch(self.train.wrapped_rows(start, self.batch_size))
-
-    def eval_batches(self, rank, world_size):
-        per_rank = self.eval.num_rows // world_size
-        if per_rank == 0:
-            raise ValueError(
-                f"{self.eval.directory}: {self.eval.num_rows} eval rows for {world_size} ranks"
-            )
-        first = rank * per_rank
-        for start in range(first, first + per_rank, self.batch_size):
-            yield self._batch(self.eval.rows(start, min(start + self.batch_size, first + per_rank)))
 
 
 def string_ids(column) -> np.ndarray:
