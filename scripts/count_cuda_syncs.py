@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = (("_report", "logging step"), ("evaluate", "evaluation"), ("after_step", "between steps"),
-          ("progress", "training step"))
+# (file, function) of the loop's frames that mark a phase, checked in this order.
+PHASES = ((("train/loop.py", "_report"), "logging step"),
+          (("train/loop.py", "evaluate"), "evaluation"),
+          (("train/loop.py", "_after_step"), "between steps"),
+          (("train/loop.py", "_run_segment"), "training step"))
 
 counts: Counter = Counter()
 sites: Counter = Counter()
@@ -37,8 +40,12 @@ def record(message, category, filename, lineno, file=None, line=None) -> None:
     if "synchronizing" not in str(message):
         return
     frames = traceback.extract_stack()[:-1]
-    names = [frame.name for frame in frames]
-    phase = next((label for name, label in PHASES if name in names), "set-up and summary")
+    seen = {(frame.filename, frame.name) for frame in frames}
+    phase = next(
+        (label for (path, name), label in PHASES
+         if any(filename.endswith(path) and function == name for filename, function in seen)),
+        "set-up and summary",
+    )
     counts[phase] += 1
     if phase == "training step":
         # The innermost frame of hashrec's or TorchRec's code: who asked for the sync.

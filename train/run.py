@@ -160,10 +160,7 @@ class JobData:
 
 
 def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
-    """The phases of a job, top-down: build, data, logging, resume, train, summary, report.
-
-    (Names matter to scripts/count_cuda_syncs.py, which files syncs by frame name: the
-    report phase is not called ``_report``, the loop's logging step.)"""
+    """The phases of a job, top-down: build, data, logging, resume, train, summary, report."""
     say = _printer(context)
     if config.plan_topology.world_size is not None:
         return _plan_target(config, groups, context, say)
