@@ -93,3 +93,25 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("outputs/**/summary.json"))
+
+
+@pytest.mark.parametrize(
+    "override,key,schema",
+    [
+        # `+key` is Hydra's own hint for the typo trainer.stepz; it adds the key past the
+        # schema, so hashrec checks every key against the dataclasses itself.
+        ("+trainer.stepz=3", "trainer.stepz", "TrainerConfig"),
+        ("+stepz=3", "stepz", "Config"),
+        ("+features.groups.user.features.user_id.idspace=5",
+         "features.groups.user.features.user_id.idspace", "FeatureConfig"),
+        ("++optim.warmup_stepz=5", "optim.warmup_stepz", "OptimConfig"),
+    ],
+)
+def test_a_key_added_with_plus_is_still_checked(tmp_path, override, key, schema):
+    result = run_train([*TINY, override], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    name = key.rsplit(".", 1)[-1]
+    assert result.stderr.strip().splitlines() == [
+        f"hashrec: error: unknown key {key} ({schema} has no field '{name}')"
+    ], result.stderr[-2000:]
+    assert not list(tmp_path.glob("outputs/**/summary.json"))

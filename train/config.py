@@ -466,6 +466,38 @@ class Config:
             raise ValueError("plan_topology.world_size plans a cluster you do not have: set plan_only=true")
 
 
+def reject_unknown_keys(cfg: Any, where: str = "") -> None:
+    """ValueError naming the first key of ``cfg`` (a composed DictConfig) that its schema
+    dataclass has no field for.
+
+    Hydra refuses ``trainer.stepz=3`` but adds ``+trainer.stepz=3`` (its own hint for that
+    typo) past the schema, and OmegaConf.to_object then sets it as a stray attribute that
+    nothing reads: the job would run as if the key were not there. Dict fields (a feature set's
+    groups, sharding.tables) take any key; the dataclasses inside them are checked in turn.
+    """
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(cfg, DictConfig):
+        if cfg._is_none() or cfg._is_missing():
+            return
+        schema = cfg._metadata.object_type
+        fields = (
+            {f.name for f in dataclasses.fields(schema)}
+            if dataclasses.is_dataclass(schema)
+            else None
+        )
+        for key in cfg.keys():
+            path = f"{where}.{key}" if where else str(key)
+            if fields is not None and key not in fields:
+                raise ValueError(
+                    f"unknown key {path} ({schema.__name__} has no field '{key}')"
+                )
+            reject_unknown_keys(cfg._get_node(key), path)
+    elif isinstance(cfg, ListConfig) and not (cfg._is_none() or cfg._is_missing()):
+        for index in range(len(cfg)):
+            reject_unknown_keys(cfg._get_node(index), f"{where}[{index}]")
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,7 +20,7 @@ from train.build import ShardedJob, build_sharded_job, dense_autocast, feature_g
 from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
 from train.checkpoint_policy import CheckpointPolicy
 from train.collectives import on_rank_zero, reduce_over_ranks
-from train.config import Config
+from train.config import Config, reject_unknown_keys
 from train.cpu_affinity import pin_local_rank
 from train.distributed import (
     DistributedContext,
@@ -59,9 +59,11 @@ def quiet_library_logs() -> None:
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
-    """The typed config; instantiating the dataclasses runs their __post_init__ checks."""
+    """The typed config; instantiating the dataclasses runs their __post_init__ checks.
+    A key no dataclass declares (added with Hydra's ``+``) is a ValueError naming it."""
     if isinstance(cfg, Config):
         return cfg
+    reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
