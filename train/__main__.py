@@ -33,7 +33,23 @@ def main(cfg: DictConfig) -> None:
     except Stopped as stopped:
         print(f"hashrec: {stopped}", file=sys.stderr)
         raise SystemExit(STOPPED_EXIT_CODE) from None
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C outside training (build, data, eval after training, summary) or a second
+        # Ctrl-C during it (train/checkpoint_policy.py; the first one is a clean stop).
+        _interrupted(interrupt)
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> None:
+    """One line and 130 (128 + SIGINT, what a shell reports for Ctrl-C), no traceback."""
+    if interrupt.args:
+        print(f"hashrec: interrupted ({interrupt}): stopped now without saving", file=sys.stderr)
+    else:
+        print("hashrec: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupt:  # in Hydra's composition, before main's body
+        _interrupted(interrupt)

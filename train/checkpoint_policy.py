@@ -27,7 +27,9 @@ from train.config import CheckpointConfig
 from train.id_range_checks import raise_if_ids_out_of_range
 from train.loop import TrainingHook
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# SIGINT is Ctrl-C: the first is a stop request like SIGTERM; a second one stops at once
+# (KeyboardInterrupt, which train/__main__.py turns into one line and exit 130).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class CheckpointPolicy(TrainingHook):
@@ -100,18 +102,27 @@ class CheckpointPolicy(TrainingHook):
 
     @contextmanager
     def signals(self) -> Iterator[None]:
-        """Turn SIGTERM / SIGUSR2 into a stop request for the duration of training."""
+        """Turn SIGTERM / SIGUSR2 / SIGINT into a stop request for the duration of training;
+        a second SIGINT (Ctrl-C pressed again while the ranks have not yet stopped) raises
+        KeyboardInterrupt: stop now, without saving."""
 
         def handler(signum: int, _frame) -> None:
+            if signum == signal.SIGINT and signum in self.signals_received:
+                raise KeyboardInterrupt("a second Ctrl-C")
             self.signal_received = signum
             if signum not in self.signals_received:
                 self.signals_received.append(signum)
 
-        self.previous_handlers = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        replaced = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        # Python's own Ctrl-C handler is not handed on: it would raise KeyboardInterrupt after
+        # the checkpoint is safe and turn a clean stop (143) into an interrupted one.
+        self.previous_handlers = {
+            sig: old for sig, old in replaced.items() if old is not signal.default_int_handler
+        }
         try:
             yield
         finally:
-            for sig, old in self.previous_handlers.items():
+            for sig, old in replaced.items():
                 signal.signal(sig, old)
 
     def hand_on_signals(self) -> None:
