@@ -1,10 +1,11 @@
 """A fingerprint of all parameters and optimizer states that ignores how tables are sharded.
 
-Every value contributes hash(name, global index, value bits); contributions are summed
-modulo 2^32 in two lanes (a commutative sum, so neither the order of shards nor their
-placement matters), each rank adds what it owns (replicated tensors only on rank 0), and one
-all-reduce combines the ranks. Two runs with bit-identical state give the same digest,
-whatever their sharding and world size; any single changed value changes it.
+Every value contributes hash(name, global index, value bits), the bits being a float's float32
+bits or an integer's int64 value (frequency maps, managed-collision maps, counters);
+contributions are summed modulo 2^32 in two lanes (a commutative sum, so neither the order of
+shards nor their placement matters), each rank adds what it owns (replicated tensors only on
+rank 0), and one all-reduce combines the ranks. Two runs with bit-identical state give the same
+digest, whatever their sharding and world size; any single changed value changes it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def _block_sums(name: str, tensor: torch.Tensor, row_offset: int, col_offset: in
         rows = torch.arange(row_offset + start, row_offset + start + chunk.shape[0],
                             dtype=torch.int64, device=device)
         index = rows.unsqueeze(1) * full_cols + columns
-        bits = chunk.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _LOW32
+        if chunk.is_floating_point():  # its float32 bits, as 32 unsigned bits
+            bits = chunk.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _LOW32
+        else:  # integers (row maps, counters) and bools: their int64 value
+            bits = chunk.to(torch.int64)
         mixed = hash64(hash64(index, salt) ^ bits)
         sums[0] = (sums[0] + (mixed & _LOW32).sum()) & _LOW32
         sums[1] = (sums[1] + logical_shift_right(mixed, 32).sum()) & _LOW32
@@ -64,7 +68,7 @@ def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) 
     sums = torch.zeros(2, dtype=torch.int64)
     for name, value in sorted(_named_state(model, optimizer).items()):
         is_sharded = isinstance(value, ShardedTensor)
-        if not is_sharded and not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        if not is_sharded and not (isinstance(value, torch.Tensor) and not value.is_complex()):
             continue
         full_cols = _full_columns(value)
         for block in tensor_blocks(name, value):
