@@ -316,7 +316,9 @@ class OptimConfig:
     dense: str = "adagrad"
     dense_lr: float = 0.05
     eps: float = 1e-8
-    # The TorchRec DLRM example's schedule: linear warm-up, constant, polynomial decay.
+    # The TorchRec DLRM example's schedule (train/optimizers.py lr_scale): linear warm-up over
+    # warmup_steps, constant, then from decay_start_step a polynomial decay over decay_steps
+    # (0 = none) that keeps its last value, floored at 1e-7, once it ends.
     warmup_steps: int = 0
     decay_start_step: int = 0
     decay_steps: int = 0
@@ -326,6 +328,14 @@ class OptimConfig:
         _check_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
         _check_positive("optim.embedding_lr", self.embedding_lr)
         _check_positive("optim.dense_lr", self.dense_lr)
+        for key in ("warmup_steps", "decay_start_step", "decay_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.decay_steps > 0 and self.decay_start_step < self.warmup_steps:
+            raise ValueError(
+                f"optim.decay_start_step={self.decay_start_step} is before the warm-up ends "
+                f"(optim.warmup_steps={self.warmup_steps}): the decay must start after it"
+            )
 
 
 @dataclass

@@ -72,25 +72,38 @@ def combined_optimizer(model: Any, config: OptimConfig) -> CombinedOptimizer:
     )
 
 
+# The DLRM reference's floor under a decaying learning rate (never raises a smaller base lr).
+MIN_DECAY_LR = 1e-7
+
+
 def lr_scale(step: int, warmup_steps: int, decay_start_step: int, decay_steps: int) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based).
 
     Linear warm-up from 0 over ``warmup_steps``; constant until ``decay_start_step``; then
-    polynomial (power 2) decay to 0 over ``decay_steps`` (0 = no decay). As in the DLRM
-    reference's LRPolicyScheduler.
+    polynomial (power 2) decay over ``decay_steps`` (0 = no decay), after which the last decayed
+    value, (1 / decay_steps)^2, stays for the rest of training. As in the DLRM reference's
+    LRPolicyScheduler (facebookresearch/dlrm torchrec_dlrm/lr_scheduler.py), which "freezes
+    at last" once the decay ends. One difference: between warm-up and decay the reference also
+    freezes at its last warm-up value, (1 - 1/warmup_steps), a quirk; here that stretch is 1.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay_steps <= 0 or step < decay_start_step:
         return 1.0
-    decayed = step - decay_start_step
-    if decayed >= decay_steps:
-        return 0.0
+    decayed = min(step - decay_start_step, decay_steps - 1)
     return ((decay_steps - decayed) / decay_steps) ** 2
 
 
+def scheduled_lr(base_lr: float, step: int, config: OptimConfig) -> float:
+    """base_lr * lr_scale(step), floored at MIN_DECAY_LR once the decay has begun."""
+    scale = lr_scale(step, config.warmup_steps, config.decay_start_step, config.decay_steps)
+    if config.decay_steps > 0 and step >= config.decay_start_step:
+        return max(min(MIN_DECAY_LR, base_lr), base_lr * scale)
+    return base_lr * scale
+
+
 class WarmupDecaySchedule:
-    """Sets every param group's lr to base_lr * lr_scale(step); the fused embedding optimizer
+    """Sets every param group's lr to scheduled_lr(base_lr, step); the fused embedding optimizer
     reads its group's lr at the next zero_grad()/step()."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
@@ -99,11 +112,8 @@ class WarmupDecaySchedule:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def set_step(self, step: int) -> None:
-        scale = lr_scale(
-            step, self.config.warmup_steps, self.config.decay_start_step, self.config.decay_steps
-        )
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * scale
+            group["lr"] = scheduled_lr(base_lr, step, self.config)
 
     def current_lrs(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
