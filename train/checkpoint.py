@@ -6,13 +6,19 @@ Layout under ``<run dir>/checkpoints/``::
         .metadata, *.distcp   torch.distributed.checkpoint files (every rank writes its shards)
         rank_00000.pt ...     per-rank extras: RNG states
         meta.json             step, world size, table shapes, file sizes; written last
-    step_00000500.partial/    a checkpoint being written (ignored and cleaned up on resume)
+    step_00000500.partial/    a checkpoint being written
+    step_00000500.replaced/   the older checkpoint of a step being written again, set aside
+    step_00000100.pruned/     an old checkpoint being deleted
 
 Atomicity: all ranks write into ``*.partial``; after every rank has finished (a collective),
-rank 0 writes ``meta.json`` and renames the folder. A crash before the rename leaves the
-previous checkpoint as the latest complete one. On resume, a checkpoint whose files do not
-match the sizes in its ``meta.json`` (a truncated copy, a damaged disk) is named, skipped, and
-the previous complete one is used instead.
+rank 0 writes ``meta.json`` (atomically) and renames the folder. A save cut short at any point
+leaves a state that ``resume=auto`` recovers from without losing anything newer
+(``recover_interrupted_saves``): a ``.partial`` without ``meta.json`` is deleted (the previous
+checkpoint is the latest), one with an intact ``meta.json`` is complete and takes its step's
+place, a ``.replaced`` is deleted once its step's new checkpoint is in place (restored
+otherwise), and a ``.pruned`` is deleted. On resume, a checkpoint whose files do not match the
+sizes in its ``meta.json`` (a truncated copy, a damaged disk) is named, skipped, and the
+previous complete one is used instead.
 
 Sharded tables and their fused optimizer state are ShardedTensors, which
 torch.distributed.checkpoint reshards on load: a checkpoint written by 2 ranks row-wise loads
@@ -24,7 +30,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +50,18 @@ from train.tables import table_name_of
 CHECKPOINT_DIR = "checkpoints"
 META = "meta.json"
 PARTIAL = ".partial"
+REPLACED = ".replaced"
+PRUNED = ".pruned"
+# step_<N> and its transient forms; anything else in the folder is left alone.
+_ENTRY = re.compile(r"step_(\d+)(\.partial|\.replaced|\.pruned)?")
+
+# Test-only fault hook: HASHREC_CHECKPOINT_FAULT=<point> or <point>@<step> makes the process
+# exit at once (os._exit, as a killed process would: no cleanup, no finally) when a save
+# reaches that point, so tests can check that every crash point is recovered from. Points, in
+# the order a save reaches them: after_shards (every rank), after_meta, between_renames (a
+# same-step checkpoint set aside, the new one still .partial), after_renames, while_pruning.
+FAULT_ENV = "HASHREC_CHECKPOINT_FAULT"
+FAULT_EXIT_CODE = 86
 
 
 class CheckpointError(Exception):
@@ -60,6 +80,14 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
+
+
+def _fault(point: str, step: int) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted in (point, f"{point}@{step}"):
+        print(f"hashrec: test fault: exiting at checkpoint point {point} (step {step})",
+              file=sys.stderr, flush=True)
+        os._exit(FAULT_EXIT_CODE)
 
 
 def _is_main() -> bool:
@@ -110,6 +138,7 @@ def save_checkpoint(
         barrier()
         dcp.save(_app_state(model, optimizer), checkpoint_id=str(partial))
         torch.save({"rng": torch.get_rng_state(), **(extra or {})}, partial / f"rank_{rank:05d}.pt")
+        _fault("after_shards", step)
     except (Exception, CheckpointException) as caught:  # any failure must reach every rank
         error = _explain(caught, root)
     error = first_error(error)
@@ -121,16 +150,21 @@ def save_checkpoint(
                 "tables": table_shapes(model),
                 "files": _file_sizes(partial),
             }
-            (partial / META).write_text(json.dumps(meta, indent=1))
-            # A run started afresh in a used run directory reaches steps it has checkpoints
-            # of: the new state replaces the old (set aside first, as rename cannot replace a
-            # non-empty folder), so the work just done is never lost.
-            replaced = final.with_name(final.name + ".replaced")
+            # Written whole or not at all: a meta.json marks the folder complete.
+            temporary = partial / (META + ".tmp")
+            temporary.write_text(json.dumps(meta, indent=1))
+            os.replace(temporary, partial / META)
+            _fault("after_meta", step)
+            # A step saved again (a resume at the last step saves it once more): the new state
+            # replaces the old, set aside first as rename cannot replace a non-empty folder.
+            replaced = final.with_name(final.name + REPLACED)
             if final.exists():
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
+                _fault("between_renames", step)
             os.replace(partial, final)
             _fsync_dir(root)
+            _fault("after_renames", step)
             shutil.rmtree(replaced, ignore_errors=True)
         except OSError as caught:
             error = f"{type(caught).__name__}: {caught}"
@@ -142,7 +176,14 @@ def save_checkpoint(
         raise CheckpointError(f"cannot write checkpoint {final}: {error}")
     if _is_main():
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old.path, ignore_errors=True)
+            # Renamed first, so a deletion cut short never looks like a (damaged) checkpoint.
+            pruned = old.path.with_name(old.path.name + PRUNED)
+            try:
+                os.replace(old.path, pruned)
+            except OSError:
+                continue
+            _fault("while_pruning", step)
+            shutil.rmtree(pruned, ignore_errors=True)
     barrier()
     return final
 
@@ -178,10 +219,49 @@ def complete_checkpoints(root: Path) -> list[CheckpointInfo]:
         return []
     found = []
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith("step_") and not path.name.endswith(PARTIAL):
-            if (path / META).exists():
-                found.append(CheckpointInfo(path, int(path.name.split("_")[1])))
+        match = _ENTRY.fullmatch(path.name)
+        if match and match.group(2) is None and path.is_dir() and (path / META).exists():
+            found.append(CheckpointInfo(path, int(match.group(1))))
     return sorted(found, key=lambda info: info.step)
+
+
+def recover_interrupted_saves(root: Path) -> None:
+    """Bring ``root`` back to whole checkpoints after a save cut short at any point (rank 0).
+
+    Nothing newer than the latest complete checkpoint is lost: a ``.partial`` with an intact
+    meta.json was finished but not renamed, so it takes its step's place.
+    """
+    if not root.exists():
+        return
+    entries = [(path, _ENTRY.fullmatch(path.name)) for path in sorted(root.iterdir())]
+    entries = [(path, match) for path, match in entries if match and path.is_dir()]
+    for path, match in entries:
+        if match.group(2) != PARTIAL:
+            continue
+        final = path.with_name(f"step_{match.group(1)}")
+        if check_intact(path) is None:
+            replaced = final.with_name(final.name + REPLACED)
+            if final.exists():  # the older save of the same step, replaced as a save does
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
+            os.replace(path, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            print(f"hashrec: completing checkpoint {final}, written whole before a crash "
+                  f"cut its save short", flush=True)
+        else:
+            warnings.warn(f"removing unfinished checkpoint {path}", stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
+    for path, match in entries:
+        if match.group(2) == REPLACED:
+            final = path.with_name(f"step_{match.group(1)}")
+            if final.exists() and check_intact(final) is None:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():  # the new one never arrived: the old one is the step's again
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(path, final)
+        elif match.group(2) == PRUNED:
+            shutil.rmtree(path, ignore_errors=True)
+    _fsync_dir(root)
 
 
 def check_intact(path: Path) -> str | None:
@@ -216,9 +296,7 @@ def choose_checkpoint(resume: str, run_dir: Path) -> CheckpointInfo | None:
 def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
     if resume == "auto":
         root = checkpoint_root(run_dir)
-        for leftover in root.glob(f"*{PARTIAL}") if root.exists() else []:
-            warnings.warn(f"removing unfinished checkpoint {leftover}", stacklevel=2)
-            shutil.rmtree(leftover, ignore_errors=True)
+        recover_interrupted_saves(root)
         for info in reversed(complete_checkpoints(root)):
             problem = check_intact(info.path)
             if problem is None:
