@@ -57,14 +57,62 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert kept == ["step_00000012", "step_00000020"]
 
 
-def test_fresh_run_in_a_used_run_dir_replaces_its_checkpoints(tmp_path):
-    """Without trainer.resume, a second run in the same directory trains from scratch and
-    its final checkpoint replaces the first run's checkpoint of the same step."""
+def test_fresh_run_in_a_used_run_dir_sets_the_old_checkpoints_aside(tmp_path):
+    """Without trainer.resume, a second run in the same directory trains from scratch and the
+    first run's checkpoints are moved aside, named in one line, not replaced or mixed in."""
     for _ in range(2):
         result = run_train([*BASE, "trainer.steps=4", f"hydra.run.dir={tmp_path}/a"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_00000004"]
+    aside = [p for p in (tmp_path / "a").iterdir() if p.name.startswith("checkpoints.previous-")]
+    assert len(aside) == 1
+    assert f"the earlier run's checkpoints are set aside in {aside[0]}" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert (aside[0] / "step_00000004" / "meta.json").exists()
     assert choose_checkpoint("auto", tmp_path / "a") is not None
+
+
+def test_a_shorter_fresh_run_after_a_longer_one_keeps_and_resumes_its_own(tmp_path):
+    """An earlier, longer run left step 12 in the directory: a fresh 4-step run used to prune
+    its own checkpoints as soon as they were written (keeping the old higher steps), and
+    resume=auto then took the old run's step 12."""
+    run_dir = tmp_path / "a"
+    longer = run_train([*BASE, "trainer.steps=12", "checkpoint.every_steps=4",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    shorter = run_train([*BASE, "trainer.steps=4", "checkpoint.every_steps=2",
+                         f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert shorter.returncode == 0, shorter.stderr[-2000:]
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+    run_id = (root / "run_id").read_text().strip()
+    assert json.loads((root / "step_00000004" / "meta.json").read_text())["run_id"] == run_id
+    resumed = run_train([*BASE, "trainer.steps=6", "trainer.resume=auto",
+                         f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {root / 'step_00000004'} at step 4" in resumed.stdout
+    assert (root / "run_id").read_text().strip() == run_id  # a resume carries the run over
+
+
+def _fake_checkpoint(root: Path, step: int, run_id: str) -> Path:
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "files": {}, "run_id": run_id}))
+    return path
+
+
+def test_another_runs_checkpoint_is_neither_resumed_nor_pruned(tmp_path, capsys):
+    from train.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    foreign = _fake_checkpoint(root, 12, "other")
+    _fake_checkpoint(root, 2, "ours")
+    _fake_checkpoint(root, 4, "ours")
+    (root / "run_id").write_text("ours\n")
+    info = choose_checkpoint("auto", tmp_path)
+    assert info is not None and info.step == 4
+    assert f"skipping checkpoint {foreign}, written by another run" in capsys.readouterr().out
+    _prune(root, keep=1, step=4)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000012"]
 
 
 def _job(rank: int, world_size: int, sharding: str):

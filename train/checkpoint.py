@@ -49,6 +49,10 @@ from train.tables import table_name_of
 
 CHECKPOINT_DIR = "checkpoints"
 META = "meta.json"
+# Which run the checkpoints folder belongs to (a uuid made at a fresh start, kept by every
+# resume; train/run_dir.py start_checkpoints). Each checkpoint's meta.json records it too, and
+# pruning and resume=auto pass over checkpoints of another run.
+RUN_ID = "run_id"
 PARTIAL = ".partial"
 REPLACED = ".replaced"
 PRUNED = ".pruned"
@@ -149,6 +153,7 @@ def save_checkpoint(
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tables": table_shapes(model),
                 "files": _file_sizes(partial),
+                "run_id": folder_run_id(root),
             }
             # Written whole or not at all: a meta.json marks the folder complete.
             temporary = partial / (META + ".tmp")
@@ -175,17 +180,41 @@ def save_checkpoint(
         barrier()
         raise CheckpointError(f"cannot write checkpoint {final}: {error}")
     if _is_main():
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            # Renamed first, so a deletion cut short never looks like a (damaged) checkpoint.
-            pruned = old.path.with_name(old.path.name + PRUNED)
-            try:
-                os.replace(old.path, pruned)
-            except OSError:
-                continue
-            _fault("while_pruning", step)
-            shutil.rmtree(pruned, ignore_errors=True)
+        _prune(root, keep, step)
     barrier()
     return final
+
+
+def folder_run_id(root: Path) -> str | None:
+    """The run the checkpoints folder belongs to; None for a folder from before run ids."""
+    try:
+        return (root / RUN_ID).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _of_this_run(info: CheckpointInfo, run_id: str | None) -> bool:
+    """Written by run ``run_id`` (or by a hashrec that did not record runs)."""
+    try:
+        written_by = json.loads((info.path / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return True  # a damaged one: named as damaged where it is read
+    return run_id is None or written_by is None or written_by == run_id
+
+
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Delete all but this run's ``keep`` newest checkpoints (rank 0); another run's are kept."""
+    run_id = folder_run_id(root)
+    ours = [info for info in complete_checkpoints(root) if _of_this_run(info, run_id)]
+    for old in ours[:-keep] if keep > 0 else []:
+        # Renamed first, so a deletion cut short never looks like a (damaged) checkpoint.
+        pruned = old.path.with_name(old.path.name + PRUNED)
+        try:
+            os.replace(old.path, pruned)
+        except OSError:
+            continue
+        _fault("while_pruning", step)
+        shutil.rmtree(pruned, ignore_errors=True)
 
 
 def _explain(error: BaseException, root: Path) -> str:
@@ -297,7 +326,12 @@ def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
     if resume == "auto":
         root = checkpoint_root(run_dir)
         recover_interrupted_saves(root)
+        run_id = folder_run_id(root)
         for info in reversed(complete_checkpoints(root)):
+            if not _of_this_run(info, run_id):
+                print(f"hashrec: warning: skipping checkpoint {info.path}, written by another "
+                      f"run than this run directory's ({run_id})", flush=True)
+                continue
             problem = check_intact(info.path)
             if problem is None:
                 return info

@@ -43,6 +43,7 @@ from train.loop import (
 from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
+from train.run_dir import start_checkpoints
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import format_summary, write_summary
@@ -79,6 +80,11 @@ class Stopped(Exception):
 
 def resume_if_asked(config: Config, job, run_dir: Path, say) -> int:
     """Load the checkpoint trainer.resume points at; returns the step to continue from."""
+    # The checkpoints folder becomes this run's (a fresh start sets another run's aside).
+    try:
+        on_rank_zero(start_checkpoints, run_dir, config.trainer.resume)
+    except OSError as error:
+        raise ConfigError(f"cannot prepare the checkpoints folder of {run_dir}: {error}") from None
     if config.trainer.resume == "none":
         return 0
     try:
