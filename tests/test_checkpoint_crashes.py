@@ -54,5 +54,5 @@ def test_a_save_cut_short_is_recovered_by_the_next_start(tmp_path, four_steps, p
     )
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{newest:08d}'} at step {newest}" in restarted.stdout
-    left = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    left = sorted(path.name for path in (run_dir / "checkpoints").glob("step_*"))
     assert left == ["step_00000012"], left  # keep=1, and no leftovers of the crash
