@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -304,3 +305,54 @@ def test_a_stop_signal_at_the_last_step_lets_the_job_end(tmp_path):
     policy._save_checked = lambda step: None  # no model here: only the decision is tested
     assert policy.after_step(10) is False
     assert policy.after_step(5) is True
+
+
+def test_a_second_job_in_a_used_run_dir_refuses_until_the_first_is_dead(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "logger.log_every=5", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, "trainer.steps=100000"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        for line in first.stdout:  # wait until training is under way
+            if line.startswith("step"):
+                break
+        second = run_train([*args, "trainer.steps=2"], cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-2000:]
+        error_lines = [line for line in second.stderr.splitlines() if line.startswith("hashrec: error")]
+        assert len(error_lines) == 1 and "Traceback" not in second.stderr
+        assert f"run directory {run_dir} is in use by the job on host {socket.gethostname()}, " \
+               f"pid {first.pid}, started " in error_lines[0]
+        assert not (run_dir / "summary.json").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    restarted = run_train([*args, "trainer.steps=2"], cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert (run_dir / "summary.json").exists()
+
+
+def _try_the_lock(rank: int, world_size: int, run_dir: str) -> None:
+    from train.collectives import on_rank_zero
+    from train.run_lock import RunDirInUse, take_run_lock
+
+    try:
+        on_rank_zero(take_run_lock, Path(run_dir))
+        outcome = "taken"
+    except RunDirInUse as error:
+        outcome = str(error)
+    (Path(run_dir) / f"outcome_{rank}").write_text(outcome)
+
+
+def test_every_rank_learns_that_the_run_dir_is_in_use(tmp_path):
+    from train.run_lock import release_run_lock, take_run_lock
+
+    take_run_lock(tmp_path)  # this process is the running job
+    try:
+        run_ranks(_try_the_lock, 2, str(tmp_path))
+    finally:
+        release_run_lock()
+    outcomes = [(tmp_path / f"outcome_{rank}").read_text() for rank in range(2)]
+    assert outcomes[0] == outcomes[1] and f"pid {os.getpid()}, started" in outcomes[0]

@@ -44,6 +44,7 @@ from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
 from train.run_dir import start_checkpoints
+from train.run_lock import RunDirInUse, release_run_lock, take_run_lock
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import format_summary, write_summary
@@ -129,6 +130,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
     try:
         return _run(config, groups, context, Path(run_dir))
     finally:
+        release_run_lock()
         shutdown_distributed()
 
 
@@ -175,6 +177,10 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
+    try:  # one job at a time in a run directory, held until run() ends
+        on_rank_zero(take_run_lock, run_dir)
+    except RunDirInUse as error:
+        raise ConfigError(str(error)) from None
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     if config.plan_only:
