@@ -54,7 +54,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert after_resume and losses_by_step(resumed.stdout) == after_resume
     assert summary(tmp_path / "a")["state_digest"] == summary(tmp_path / "b")["state_digest"]
     # Only the newest `checkpoint.keep` (2) complete checkpoints remain.
-    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))
     assert kept == ["step_00000012", "step_00000020"]
 
 
@@ -271,7 +271,7 @@ def test_full_disk_while_checkpointing_fails_cleanly(tmp_path, small_disk):
     assert "cannot write checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "Traceback" not in result.stderr
     checkpoints = run_dir / "checkpoints"
-    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert not checkpoints.exists() or not any(checkpoints.glob("step_*"))
     assert not (run_dir / "summary.json").exists()
 
 
@@ -356,3 +356,17 @@ def test_every_rank_learns_that_the_run_dir_is_in_use(tmp_path):
         release_run_lock()
     outcomes = [(tmp_path / f"outcome_{rank}").read_text() for rank in range(2)]
     assert outcomes[0] == outcomes[1] and f"pid {os.getpid()}, started" in outcomes[0]
+
+
+def test_resume_under_another_hashing_names_the_feature(tmp_path):
+    """hash and modulo give tables of the same shapes: only the mapping tells them apart."""
+    run_dir = tmp_path / "a"
+    first = run_train([*BASE, "trainer.steps=4", "hashing=default", f"hydra.run.dir={run_dir}"],
+                      cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = run_train([*BASE, "trainer.steps=8", "trainer.resume=auto", "hashing=modulo",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"checkpoint {run_dir / 'checkpoints' / 'step_00000004'} maps the IDs of feature "
+            f"ad_id otherwise than this job's hashing") in result.stderr
+    assert "Traceback" not in result.stderr

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from train.collectives import barrier, first_error, on_rank_zero
+from train.hashing.fingerprint import first_difference, hashing_fingerprints
 from train.tables import table_name_of
 
 CHECKPOINT_DIR = "checkpoints"
@@ -132,6 +133,7 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     final = step_dir(root, step)
     partial = final.with_name(final.name + PARTIAL)
+    hashing = hashing_fingerprints(model)  # on every rank: mappers hold device buffers
     rank = dist.get_rank() if dist.is_initialized() else 0
     error = None
     try:
@@ -152,6 +154,7 @@ def save_checkpoint(
                 "step": step,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tables": table_shapes(model),
+                "hashing": hashing,
                 "files": _file_sizes(partial),
                 "run_id": folder_run_id(root),
             }
@@ -345,8 +348,10 @@ def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
 
 
 def check_compatible(info: CheckpointInfo, model: nn.Module) -> None:
-    """The model's tables must have the checkpoint's shapes; name the first that differs."""
-    saved = json.loads((info.path / META).read_text())["tables"]
+    """The model's tables must have the checkpoint's shapes and its features the checkpoint's
+    ID mappings (hashing method, salts, moduli); name the first that differs."""
+    meta = json.loads((info.path / META).read_text())
+    saved = meta["tables"]
     current = table_shapes(model)
     for name in sorted(set(saved) | set(current)):
         if name not in current:
@@ -357,6 +362,14 @@ def check_compatible(info: CheckpointInfo, model: nn.Module) -> None:
             raise CheckpointError(
                 f"checkpoint {info.path}: table {name} is {saved[name][0]} x {saved[name][1]}, "
                 f"the model's is {current[name][0]} x {current[name][1]}"
+            )
+    if "hashing" in meta:  # checkpoints from before fingerprints have none to compare
+        feature = first_difference(meta["hashing"], hashing_fingerprints(model))
+        if feature is not None:
+            raise CheckpointError(
+                f"checkpoint {info.path} maps the IDs of feature {feature} otherwise than this "
+                f"job's hashing (method, seed or sizes differ): resume with the hashing it was "
+                f"trained with"
             )
 
 
