@@ -370,3 +370,15 @@ def test_resume_under_another_hashing_names_the_feature(tmp_path):
     assert (f"checkpoint {run_dir / 'checkpoints' / 'step_00000004'} maps the IDs of feature "
             f"ad_id otherwise than this job's hashing") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unusable_checkpoints_folder_is_one_line(tmp_path):
+    """`checkpoints` is a file: every rank used to fail with a NotADirectoryError traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    result = run_train([*BASE, "trainer.steps=2", "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"hashrec: error: cannot prepare the checkpoints folder of {run_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
