@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,18 +54,66 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert after_resume and losses_by_step(resumed.stdout) == after_resume
     assert summary(tmp_path / "a")["state_digest"] == summary(tmp_path / "b")["state_digest"]
     # Only the newest `checkpoint.keep` (2) complete checkpoints remain.
-    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))
     assert kept == ["step_00000012", "step_00000020"]
 
 
-def test_fresh_run_in_a_used_run_dir_replaces_its_checkpoints(tmp_path):
-    """Without trainer.resume, a second run in the same directory trains from scratch and
-    its final checkpoint replaces the first run's checkpoint of the same step."""
+def test_fresh_run_in_a_used_run_dir_sets_the_old_checkpoints_aside(tmp_path):
+    """Without trainer.resume, a second run in the same directory trains from scratch and the
+    first run's checkpoints are moved aside, named in one line, not replaced or mixed in."""
     for _ in range(2):
         result = run_train([*BASE, "trainer.steps=4", f"hydra.run.dir={tmp_path}/a"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_00000004"]
+    aside = [p for p in (tmp_path / "a").iterdir() if p.name.startswith("checkpoints.previous-")]
+    assert len(aside) == 1
+    assert f"the earlier run's checkpoints are set aside in {aside[0]}" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert (aside[0] / "step_00000004" / "meta.json").exists()
     assert choose_checkpoint("auto", tmp_path / "a") is not None
+
+
+def test_a_shorter_fresh_run_after_a_longer_one_keeps_and_resumes_its_own(tmp_path):
+    """An earlier, longer run left step 12 in the directory: a fresh 4-step run used to prune
+    its own checkpoints as soon as they were written (keeping the old higher steps), and
+    resume=auto then took the old run's step 12."""
+    run_dir = tmp_path / "a"
+    longer = run_train([*BASE, "trainer.steps=12", "checkpoint.every_steps=4",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    shorter = run_train([*BASE, "trainer.steps=4", "checkpoint.every_steps=2",
+                         f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert shorter.returncode == 0, shorter.stderr[-2000:]
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+    run_id = (root / "run_id").read_text().strip()
+    assert json.loads((root / "step_00000004" / "meta.json").read_text())["run_id"] == run_id
+    resumed = run_train([*BASE, "trainer.steps=6", "trainer.resume=auto",
+                         f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {root / 'step_00000004'} at step 4" in resumed.stdout
+    assert (root / "run_id").read_text().strip() == run_id  # a resume carries the run over
+
+
+def _fake_checkpoint(root: Path, step: int, run_id: str) -> Path:
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "files": {}, "run_id": run_id}))
+    return path
+
+
+def test_another_runs_checkpoint_is_neither_resumed_nor_pruned(tmp_path, capsys):
+    from train.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    foreign = _fake_checkpoint(root, 12, "other")
+    _fake_checkpoint(root, 2, "ours")
+    _fake_checkpoint(root, 4, "ours")
+    (root / "run_id").write_text("ours\n")
+    info = choose_checkpoint("auto", tmp_path)
+    assert info is not None and info.step == 4
+    assert f"skipping checkpoint {foreign}, written by another run" in capsys.readouterr().out
+    _prune(root, keep=1, step=4)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000012"]
 
 
 def _job(rank: int, world_size: int, sharding: str):
@@ -222,7 +271,7 @@ def test_full_disk_while_checkpointing_fails_cleanly(tmp_path, small_disk):
     assert "cannot write checkpoint" in result.stderr and "No space left on device" in result.stderr
     assert "Traceback" not in result.stderr
     checkpoints = run_dir / "checkpoints"
-    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert not checkpoints.exists() or not any(checkpoints.glob("step_*"))
     assert not (run_dir / "summary.json").exists()
 
 
@@ -256,3 +305,80 @@ def test_a_stop_signal_at_the_last_step_lets_the_job_end(tmp_path):
     policy._save_checked = lambda step: None  # no model here: only the decision is tested
     assert policy.after_step(10) is False
     assert policy.after_step(5) is True
+
+
+def test_a_second_job_in_a_used_run_dir_refuses_until_the_first_is_dead(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "logger.log_every=5", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, "trainer.steps=100000"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        for line in first.stdout:  # wait until training is under way
+            if line.startswith("step"):
+                break
+        second = run_train([*args, "trainer.steps=2"], cwd=tmp_path)
+        assert second.returncode == 2, second.stderr[-2000:]
+        error_lines = [line for line in second.stderr.splitlines() if line.startswith("hashrec: error")]
+        assert len(error_lines) == 1 and "Traceback" not in second.stderr
+        assert f"run directory {run_dir} is in use by the job on host {socket.gethostname()}, " \
+               f"pid {first.pid}, started " in error_lines[0]
+        assert not (run_dir / "summary.json").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    restarted = run_train([*args, "trainer.steps=2"], cwd=tmp_path)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert (run_dir / "summary.json").exists()
+
+
+def _try_the_lock(rank: int, world_size: int, run_dir: str) -> None:
+    from train.collectives import on_rank_zero
+    from train.run_lock import RunDirInUse, take_run_lock
+
+    try:
+        on_rank_zero(take_run_lock, Path(run_dir))
+        outcome = "taken"
+    except RunDirInUse as error:
+        outcome = str(error)
+    (Path(run_dir) / f"outcome_{rank}").write_text(outcome)
+
+
+def test_every_rank_learns_that_the_run_dir_is_in_use(tmp_path):
+    from train.run_lock import release_run_lock, take_run_lock
+
+    take_run_lock(tmp_path)  # this process is the running job
+    try:
+        run_ranks(_try_the_lock, 2, str(tmp_path))
+    finally:
+        release_run_lock()
+    outcomes = [(tmp_path / f"outcome_{rank}").read_text() for rank in range(2)]
+    assert outcomes[0] == outcomes[1] and f"pid {os.getpid()}, started" in outcomes[0]
+
+
+def test_resume_under_another_hashing_names_the_feature(tmp_path):
+    """hash and modulo give tables of the same shapes: only the mapping tells them apart."""
+    run_dir = tmp_path / "a"
+    first = run_train([*BASE, "trainer.steps=4", "hashing=default", f"hydra.run.dir={run_dir}"],
+                      cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = run_train([*BASE, "trainer.steps=8", "trainer.resume=auto", "hashing=modulo",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"checkpoint {run_dir / 'checkpoints' / 'step_00000004'} maps the IDs of feature "
+            f"ad_id otherwise than this job's hashing") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unusable_checkpoints_folder_is_one_line(tmp_path):
+    """`checkpoints` is a file: every rank used to fail with a NotADirectoryError traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    result = run_train([*BASE, "trainer.steps=2", "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"hashrec: error: cannot prepare the checkpoints folder of {run_dir}" in result.stderr
+    assert "Traceback" not in result.stderr

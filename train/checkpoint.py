@@ -6,13 +6,19 @@ Layout under ``<run dir>/checkpoints/``::
         .metadata, *.distcp   torch.distributed.checkpoint files (every rank writes its shards)
         rank_00000.pt ...     per-rank extras: RNG states
         meta.json             step, world size, table shapes, file sizes; written last
-    step_00000500.partial/    a checkpoint being written (ignored and cleaned up on resume)
+    step_00000500.partial/    a checkpoint being written
+    step_00000500.replaced/   the older checkpoint of a step being written again, set aside
+    step_00000100.pruned/     an old checkpoint being deleted
 
 Atomicity: all ranks write into ``*.partial``; after every rank has finished (a collective),
-rank 0 writes ``meta.json`` and renames the folder. A crash before the rename leaves the
-previous checkpoint as the latest complete one. On resume, a checkpoint whose files do not
-match the sizes in its ``meta.json`` (a truncated copy, a damaged disk) is named, skipped, and
-the previous complete one is used instead.
+rank 0 writes ``meta.json`` (atomically) and renames the folder. A save cut short at any point
+leaves a state that ``resume=auto`` recovers from without losing anything newer
+(``recover_interrupted_saves``): a ``.partial`` without ``meta.json`` is deleted (the previous
+checkpoint is the latest), one with an intact ``meta.json`` is complete and takes its step's
+place, a ``.replaced`` is deleted once its step's new checkpoint is in place (restored
+otherwise), and a ``.pruned`` is deleted. On resume, a checkpoint whose files do not match the
+sizes in its ``meta.json`` (a truncated copy, a damaged disk) is named, skipped, and the
+previous complete one is used instead.
 
 Sharded tables and their fused optimizer state are ShardedTensors, which
 torch.distributed.checkpoint reshards on load: a checkpoint written by 2 ranks row-wise loads
@@ -24,7 +30,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +45,28 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 
 from train.collectives import barrier, first_error, on_rank_zero
+from train.hashing.fingerprint import first_difference, hashing_fingerprints
 from train.tables import table_name_of
 
 CHECKPOINT_DIR = "checkpoints"
 META = "meta.json"
+# Which run the checkpoints folder belongs to (a uuid made at a fresh start, kept by every
+# resume; train/run_dir.py start_checkpoints). Each checkpoint's meta.json records it too, and
+# pruning and resume=auto pass over checkpoints of another run.
+RUN_ID = "run_id"
 PARTIAL = ".partial"
+REPLACED = ".replaced"
+PRUNED = ".pruned"
+# step_<N> and its transient forms; anything else in the folder is left alone.
+_ENTRY = re.compile(r"step_(\d+)(\.partial|\.replaced|\.pruned)?")
+
+# Test-only fault hook: HASHREC_CHECKPOINT_FAULT=<point> or <point>@<step> makes the process
+# exit at once (os._exit, as a killed process would: no cleanup, no finally) when a save
+# reaches that point, so tests can check that every crash point is recovered from. Points, in
+# the order a save reaches them: after_shards (every rank), after_meta, between_renames (a
+# same-step checkpoint set aside, the new one still .partial), after_renames, while_pruning.
+FAULT_ENV = "HASHREC_CHECKPOINT_FAULT"
+FAULT_EXIT_CODE = 86
 
 
 class CheckpointError(Exception):
@@ -60,6 +85,14 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
+
+
+def _fault(point: str, step: int) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted in (point, f"{point}@{step}"):
+        print(f"hashrec: test fault: exiting at checkpoint point {point} (step {step})",
+              file=sys.stderr, flush=True)
+        os._exit(FAULT_EXIT_CODE)
 
 
 def _is_main() -> bool:
@@ -100,6 +133,7 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     final = step_dir(root, step)
     partial = final.with_name(final.name + PARTIAL)
+    hashing = hashing_fingerprints(model)  # on every rank: mappers hold device buffers
     rank = dist.get_rank() if dist.is_initialized() else 0
     error = None
     try:
@@ -110,6 +144,7 @@ def save_checkpoint(
         barrier()
         dcp.save(_app_state(model, optimizer), checkpoint_id=str(partial))
         torch.save({"rng": torch.get_rng_state(), **(extra or {})}, partial / f"rank_{rank:05d}.pt")
+        _fault("after_shards", step)
     except (Exception, CheckpointException) as caught:  # any failure must reach every rank
         error = _explain(caught, root)
     error = first_error(error)
@@ -119,18 +154,25 @@ def save_checkpoint(
                 "step": step,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tables": table_shapes(model),
+                "hashing": hashing,
                 "files": _file_sizes(partial),
+                "run_id": folder_run_id(root),
             }
-            (partial / META).write_text(json.dumps(meta, indent=1))
-            # A run started afresh in a used run directory reaches steps it has checkpoints
-            # of: the new state replaces the old (set aside first, as rename cannot replace a
-            # non-empty folder), so the work just done is never lost.
-            replaced = final.with_name(final.name + ".replaced")
+            # Written whole or not at all: a meta.json marks the folder complete.
+            temporary = partial / (META + ".tmp")
+            temporary.write_text(json.dumps(meta, indent=1))
+            os.replace(temporary, partial / META)
+            _fault("after_meta", step)
+            # A step saved again (a resume at the last step saves it once more): the new state
+            # replaces the old, set aside first as rename cannot replace a non-empty folder.
+            replaced = final.with_name(final.name + REPLACED)
             if final.exists():
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
+                _fault("between_renames", step)
             os.replace(partial, final)
             _fsync_dir(root)
+            _fault("after_renames", step)
             shutil.rmtree(replaced, ignore_errors=True)
         except OSError as caught:
             error = f"{type(caught).__name__}: {caught}"
@@ -141,10 +183,41 @@ def save_checkpoint(
         barrier()
         raise CheckpointError(f"cannot write checkpoint {final}: {error}")
     if _is_main():
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old.path, ignore_errors=True)
+        _prune(root, keep, step)
     barrier()
     return final
+
+
+def folder_run_id(root: Path) -> str | None:
+    """The run the checkpoints folder belongs to; None for a folder from before run ids."""
+    try:
+        return (root / RUN_ID).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _of_this_run(info: CheckpointInfo, run_id: str | None) -> bool:
+    """Written by run ``run_id`` (or by a hashrec that did not record runs)."""
+    try:
+        written_by = json.loads((info.path / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return True  # a damaged one: named as damaged where it is read
+    return run_id is None or written_by is None or written_by == run_id
+
+
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Delete all but this run's ``keep`` newest checkpoints (rank 0); another run's are kept."""
+    run_id = folder_run_id(root)
+    ours = [info for info in complete_checkpoints(root) if _of_this_run(info, run_id)]
+    for old in ours[:-keep] if keep > 0 else []:
+        # Renamed first, so a deletion cut short never looks like a (damaged) checkpoint.
+        pruned = old.path.with_name(old.path.name + PRUNED)
+        try:
+            os.replace(old.path, pruned)
+        except OSError:
+            continue
+        _fault("while_pruning", step)
+        shutil.rmtree(pruned, ignore_errors=True)
 
 
 def _explain(error: BaseException, root: Path) -> str:
@@ -178,10 +251,49 @@ def complete_checkpoints(root: Path) -> list[CheckpointInfo]:
         return []
     found = []
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith("step_") and not path.name.endswith(PARTIAL):
-            if (path / META).exists():
-                found.append(CheckpointInfo(path, int(path.name.split("_")[1])))
+        match = _ENTRY.fullmatch(path.name)
+        if match and match.group(2) is None and path.is_dir() and (path / META).exists():
+            found.append(CheckpointInfo(path, int(match.group(1))))
     return sorted(found, key=lambda info: info.step)
+
+
+def recover_interrupted_saves(root: Path) -> None:
+    """Bring ``root`` back to whole checkpoints after a save cut short at any point (rank 0).
+
+    Nothing newer than the latest complete checkpoint is lost: a ``.partial`` with an intact
+    meta.json was finished but not renamed, so it takes its step's place.
+    """
+    if not root.exists():
+        return
+    entries = [(path, _ENTRY.fullmatch(path.name)) for path in sorted(root.iterdir())]
+    entries = [(path, match) for path, match in entries if match and path.is_dir()]
+    for path, match in entries:
+        if match.group(2) != PARTIAL:
+            continue
+        final = path.with_name(f"step_{match.group(1)}")
+        if check_intact(path) is None:
+            replaced = final.with_name(final.name + REPLACED)
+            if final.exists():  # the older save of the same step, replaced as a save does
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
+            os.replace(path, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            print(f"hashrec: completing checkpoint {final}, written whole before a crash "
+                  f"cut its save short", flush=True)
+        else:
+            warnings.warn(f"removing unfinished checkpoint {path}", stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
+    for path, match in entries:
+        if match.group(2) == REPLACED:
+            final = path.with_name(f"step_{match.group(1)}")
+            if final.exists() and check_intact(final) is None:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():  # the new one never arrived: the old one is the step's again
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(path, final)
+        elif match.group(2) == PRUNED:
+            shutil.rmtree(path, ignore_errors=True)
+    _fsync_dir(root)
 
 
 def check_intact(path: Path) -> str | None:
@@ -216,10 +328,13 @@ def choose_checkpoint(resume: str, run_dir: Path) -> CheckpointInfo | None:
 def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
     if resume == "auto":
         root = checkpoint_root(run_dir)
-        for leftover in root.glob(f"*{PARTIAL}") if root.exists() else []:
-            warnings.warn(f"removing unfinished checkpoint {leftover}", stacklevel=2)
-            shutil.rmtree(leftover, ignore_errors=True)
+        recover_interrupted_saves(root)
+        run_id = folder_run_id(root)
         for info in reversed(complete_checkpoints(root)):
+            if not _of_this_run(info, run_id):
+                print(f"hashrec: warning: skipping checkpoint {info.path}, written by another "
+                      f"run than this run directory's ({run_id})", flush=True)
+                continue
             problem = check_intact(info.path)
             if problem is None:
                 return info
@@ -233,8 +348,10 @@ def _choose(resume: str, run_dir: Path) -> CheckpointInfo | None:
 
 
 def check_compatible(info: CheckpointInfo, model: nn.Module) -> None:
-    """The model's tables must have the checkpoint's shapes; name the first that differs."""
-    saved = json.loads((info.path / META).read_text())["tables"]
+    """The model's tables must have the checkpoint's shapes and its features the checkpoint's
+    ID mappings (hashing method, salts, moduli); name the first that differs."""
+    meta = json.loads((info.path / META).read_text())
+    saved = meta["tables"]
     current = table_shapes(model)
     for name in sorted(set(saved) | set(current)):
         if name not in current:
@@ -245,6 +362,14 @@ def check_compatible(info: CheckpointInfo, model: nn.Module) -> None:
             raise CheckpointError(
                 f"checkpoint {info.path}: table {name} is {saved[name][0]} x {saved[name][1]}, "
                 f"the model's is {current[name][0]} x {current[name][1]}"
+            )
+    if "hashing" in meta:  # checkpoints from before fingerprints have none to compare
+        feature = first_difference(meta["hashing"], hashing_fingerprints(model))
+        if feature is not None:
+            raise CheckpointError(
+                f"checkpoint {info.path} maps the IDs of feature {feature} otherwise than this "
+                f"job's hashing (method, seed or sizes differ): resume with the hashing it was "
+                f"trained with"
             )
 
 

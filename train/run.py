@@ -43,6 +43,8 @@ from train.loop import (
 from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
+from train.run_dir import start_checkpoints
+from train.run_lock import RunDirInUse, release_run_lock, take_run_lock
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import format_summary, write_summary
@@ -81,6 +83,11 @@ class Stopped(Exception):
 
 def resume_if_asked(config: Config, job, run_dir: Path, say) -> int:
     """Load the checkpoint trainer.resume points at; returns the step to continue from."""
+    # The checkpoints folder becomes this run's (a fresh start sets another run's aside).
+    try:
+        on_rank_zero(start_checkpoints, run_dir, config.trainer.resume)
+    except OSError as error:
+        raise ConfigError(f"cannot prepare the checkpoints folder of {run_dir}: {error}") from None
     if config.trainer.resume == "none":
         return 0
     try:
@@ -125,6 +132,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
     try:
         return _run(config, groups, context, Path(run_dir))
     finally:
+        release_run_lock()
         shutdown_distributed()
 
 
@@ -171,6 +179,10 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
+    try:  # one job at a time in a run directory, held until run() ends
+        on_rank_zero(take_run_lock, run_dir)
+    except RunDirInUse as error:
+        raise ConfigError(str(error)) from None
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     if config.plan_only:

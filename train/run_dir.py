@@ -7,13 +7,17 @@ torchrun agent (the parent of every local rank); a lone process uses the current
 Several torchrun agents (nodes) without a rendezvous id (``--nnodes 2 --node_rank ...
 --master_addr ...``, torchrun's static rendezvous) share nothing of the kind: that is an
 error, not a directory per node.
+
+``start_checkpoints`` makes the directory's checkpoints folder the current run's.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from datetime import datetime
+from pathlib import Path
 
 
 def _process_start_time(pid: int) -> datetime | None:
@@ -57,3 +61,39 @@ def run_id() -> str:
     if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         started = _process_start_time(os.getppid())
     return (started or datetime.now()).strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def start_checkpoints(run_dir: Path, resume: str) -> str:
+    """Make the run directory's checkpoints folder this run's; returns the run's id (rank 0).
+
+    A fresh start (``trainer.resume=none``, or a checkpoint from elsewhere) in a directory that
+    holds another run's checkpoints moves them to ``checkpoints.previous-<time>/`` and says so:
+    pruning keeps the highest steps and resume=auto takes the latest, so leaving them would
+    delete this run's checkpoints and later resume the other run. A resume keeps the folder
+    and its run id.
+    """
+    # Here, not at the top: Hydra's resolver imports this module before torch is needed.
+    from train.checkpoint import RUN_ID, checkpoint_root, folder_run_id
+
+    root = checkpoint_root(run_dir)
+    fresh = resume == "none" or (
+        resume != "auto" and Path(resume).resolve().parent != root.resolve()
+    )
+    if fresh and root.exists() and any(root.iterdir()):
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = run_dir / f"{root.name}.previous-{stamp}"
+        number = 1
+        while aside.exists():
+            number += 1
+            aside = run_dir / f"{root.name}.previous-{stamp}-{number}"
+        os.replace(root, aside)
+        print(f"hashrec: a fresh start in a used run directory: the earlier run's checkpoints "
+              f"are set aside in {aside}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    run_id = folder_run_id(root)
+    if run_id is None:
+        run_id = uuid.uuid4().hex
+        temporary = root / (RUN_ID + ".tmp")
+        temporary.write_text(run_id + "\n")
+        os.replace(temporary, root / RUN_ID)
+    return run_id
