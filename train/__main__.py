@@ -22,6 +22,13 @@ from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run  # noqa: E402
 register_configs()
 
 
+def _say(line: object) -> None:
+    """One line to stderr in one write: the ranks of a job share one stderr, and print()'s
+    separate write of the newline let two ranks' lines run together."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
@@ -29,10 +36,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"hashrec: error: {error}", file=sys.stderr)
+        _say(f"hashrec: error: {error}")
         raise SystemExit(2) from None
     except Stopped as stopped:
-        print(f"hashrec: {stopped}", file=sys.stderr)
+        _say(f"hashrec: {stopped}")
         raise SystemExit(STOPPED_EXIT_CODE) from None
     except KeyboardInterrupt as interrupt:
         # Ctrl-C outside training (build, data, eval after training, summary) or a second
@@ -43,9 +50,9 @@ def main(cfg: DictConfig) -> None:
 def _interrupted(interrupt: KeyboardInterrupt) -> None:
     """One line and 130 (128 + SIGINT, what a shell reports for Ctrl-C), no traceback."""
     if interrupt.args:
-        print(f"hashrec: interrupted ({interrupt}): stopped now without saving", file=sys.stderr)
+        _say(f"hashrec: interrupted ({interrupt}): stopped now without saving")
     else:
-        print("hashrec: interrupted", file=sys.stderr)
+        _say("hashrec: interrupted")
     raise SystemExit(130) from None
 
 
@@ -53,7 +60,7 @@ def _exit_code(exit: SystemExit) -> int:
     """The status a ``SystemExit`` stands for (a message is printed, as Python would)."""
     if exit.code is None or isinstance(exit.code, int):
         return exit.code or 0
-    print(exit.code, file=sys.stderr)
+    _say(exit.code)
     return 1
 
 
