@@ -176,9 +176,11 @@ def preempt_sbatch_job(slurm, out_dir: Path, job_id: str, uninterrupted_digest: 
     step = resumed_step(log)
     # The ranks saved that step and stopped; only then was the job requeued (requeueing
     # first kills them after KillWait, mid-save), and the requeued job started from it.
+    # (Rank 1's "stopped" line on stderr may come before rank 0's checkpoint line on stdout:
+    # both are ordered against the requeue, which the batch shell prints after srun ended.)
     stopped = at(log, f"stopped by signal at step {step};")
-    assert at(log, f"checkpoint: step {step} ->") < stopped, log[-3000:]
     requeued = at(log, "requeueing job")
+    assert at(log, f"checkpoint: step {step} ->") < requeued, log[-3000:]
     assert stopped < requeued, f"requeued before the ranks had stopped:\n{log[-3000:]}"
     assert requeued < at(log, "starts (restart 1)"), log[-3000:]
     summary = json.loads((out_dir / "outputs" / f"slurm-{job_id}" / "summary.json").read_text())
