@@ -210,11 +210,10 @@ def plan_sharding(
     """Plan on rank 0 and hand the plan, or the reason there is none, to every rank (TorchRec's
     collective_plan would leave the other ranks waiting when rank 0's planner raises)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    plan = on_rank_zero(
+    return on_rank_zero(
         plan_or_explain, lambda: planner.plan(model, sharders), groups, world_size, device_type,
         caps,
     )
-    return plan
 
 
 @dataclass(frozen=True)
