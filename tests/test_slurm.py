@@ -20,6 +20,8 @@ import pytest
 
 from tests.helpers import REPO, TINY, free_port
 from tests.slurm_cluster import LocalSlurm, ensure_slurm_installed
+from tests.test_criteo import write_parquet
+from tests.test_rank_failures import NAN_ROW, assert_rank_1_named_by_both
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,24 @@ def test_cpu_sbatch_two_tasks_trains_and_writes_summary(slurm, tmp_path):
     assert summary["world_size"] == 2
     assert summary["steps"] == 20
     assert "sharding plan" in log and "eval  step" in log
+
+
+def test_bad_row_on_one_srun_task_stops_both_naming_it(slurm, tmp_path):
+    """tests/test_rank_failures.py's bad row on rank 1, under srun: the job fails, both
+    tasks' output names rank 1's row, and no rank waits for the dead one."""
+    overrides = write_parquet(tmp_path, nan_at=NAN_ROW)
+    started = time.monotonic()
+    result = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/job-%j.out",
+         str(REPO / "slurm" / "train_cpu.sbatch"), *overrides, "trainer.steps=40",
+         f"hydra.run.dir={tmp_path}/outputs/slurm-${{oc.env:SLURM_JOB_ID}}"],
+        env=sbatch_env(slurm), capture_output=True, text=True, timeout=300, check=False,
+    )
+    log = read(next(tmp_path.glob("job-*.out")))
+    assert result.returncode != 0, log[-3000:]
+    assert "step      10/40" in log, log[-3000:]  # it failed mid-run, not at start
+    assert_rank_1_named_by_both(log)
+    assert time.monotonic() - started < 240
 
 
 def test_submitit_sweep_submits_one_job_per_point(slurm, tmp_path):

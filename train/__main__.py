@@ -17,6 +17,7 @@ from train.install_check import stop_if_unfit
 stop_if_unfit()
 
 from train.config import register_configs  # noqa: E402
+from train.rank_failures import RANK_FAILED_EXIT_CODE, RankFailed  # noqa: E402
 from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run  # noqa: E402
 
 register_configs()
@@ -38,6 +39,10 @@ def main(cfg: DictConfig) -> None:
             raise
         _say(f"hashrec: error: {error}")
         raise SystemExit(2) from None
+    except RankFailed as failed:  # another rank's error, already printed by that rank
+        if failed.announce:
+            _say(f"hashrec: error: {failed}")
+        raise SystemExit(RANK_FAILED_EXIT_CODE) from None
     except Stopped as stopped:
         _say(f"hashrec: {stopped}")
         raise SystemExit(STOPPED_EXIT_CODE) from None

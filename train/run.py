@@ -43,6 +43,7 @@ from train.loop import (
 from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
+from train.rank_failures import watch_rank_failures
 from train.run_dir import start_checkpoints
 from train.run_lock import RunDirInUse, release_run_lock, take_run_lock
 from train.sharding import embedding_bytes_per_rank, format_plan
@@ -129,9 +130,22 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
         context = init_distributed(config.trainer.dist_timeout_s)
     except LaunchError as error:  # a venv that does not fit this node, a bad node list
         raise ConfigError(str(error)) from None
+    # A rank that fails tells the others, which stop within seconds naming its error.
+    failures = watch_rank_failures(context.rank, context.world_size)
     try:
         return _run(config, groups, context, Path(run_dir))
+    except (Stopped, KeyboardInterrupt):
+        raise  # every rank stops together: nothing to tell the others
+    except BaseException as error:
+        if failures is None:
+            raise
+        explained = failures.explain(error)
+        if explained is error:
+            raise
+        raise explained from None
     finally:
+        if failures is not None:
+            failures.close()
         release_run_lock()
         shutdown_distributed()
 
