@@ -319,6 +319,8 @@ def test_a_second_job_in_a_used_run_dir_refuses_until_the_first_is_dead(tmp_path
         for line in first.stdout:  # wait until training is under way
             if line.startswith("step"):
                 break
+        first_overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert "trainer.steps=100000" in first_overrides
         second = run_train([*args, "trainer.steps=2"], cwd=tmp_path)
         assert second.returncode == 2, second.stderr[-2000:]
         error_lines = [line for line in second.stderr.splitlines() if line.startswith("hashrec: error")]
@@ -326,6 +328,8 @@ def test_a_second_job_in_a_used_run_dir_refuses_until_the_first_is_dead(tmp_path
         assert f"run directory {run_dir} is in use by the job on host {socket.gethostname()}, " \
                f"pid {first.pid}, started " in error_lines[0]
         assert not (run_dir / "summary.json").exists()
+        # The refused job wrote nothing there (Hydra's .hydra files included).
+        assert (run_dir / ".hydra" / "overrides.yaml").read_text() == first_overrides
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.helpers import REPO, TINY
@@ -87,3 +88,18 @@ def test_ctrl_c_outside_training_is_one_line(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert last_line_clean(stderr) == "hashrec: interrupted"
+
+
+def test_ctrl_c_while_importing_torch_is_one_line(tmp_path):
+    """Ctrl-C in the seconds the imports take: one line and 130, no traceback from inside
+    torch. The signal is sent once libtorch is mapped into the process (it is importing
+    torch), well before training could start."""
+    process = start([*BASE, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    maps = Path(f"/proc/{process.pid}/maps")
+    while process.poll() is None and "libtorch_cpu" not in maps.read_text():
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert last_line_clean(stderr) == "hashrec: interrupted"
+    assert stdout == "" and not (tmp_path / "run").exists()

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
-from train.install_check import stop_if_unfit
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C in the seconds torch, torchrec and Hydra take to import: nothing has started,
+    so one line and 130, not a KeyboardInterrupt traceback from deep inside an import."""
+    os.write(2, b"hashrec: interrupted\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from train.install_check import stop_if_unfit  # noqa: E402
 
 # Before torchrec is imported: with a CUDA fbgemm beside a CPU torch, importing it fails with a
 # traceback before init_distributed's own check could name the fix.
@@ -21,6 +32,8 @@ from train.rank_failures import RANK_FAILED_EXIT_CODE, RankFailed  # noqa: E402
 from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run  # noqa: E402
 
 register_configs()
+# Imports done: Ctrl-C is a KeyboardInterrupt again, which the job turns into a clean stop.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _say(line: object) -> None:
@@ -33,7 +46,8 @@ def _say(line: object) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        hydra_config = HydraConfig.get()
+        run(cfg, hydra_config.runtime.output_dir, _job_files(cfg, hydra_config))
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -50,6 +64,16 @@ def main(cfg: DictConfig) -> None:
         # Ctrl-C outside training (build, data, eval after training, summary) or a second
         # Ctrl-C during it (train/checkpoint_policy.py; the first one is a clean stop).
         _interrupted(interrupt)
+
+
+def _job_files(cfg: DictConfig, hydra_config: DictConfig) -> dict[str, str]:
+    """What Hydra writes into a run's .hydra folder (hydra.output_subdir is off in
+    conf/config.yaml: the job writes them once it holds the run directory)."""
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_config}),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task),
+    }
 
 
 def _interrupted(interrupt: KeyboardInterrupt) -> None:

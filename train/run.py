@@ -44,7 +44,7 @@ from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
 from train.planning import format_memory, plan_for_topology
 from train.rank_failures import watch_rank_failures
-from train.run_dir import start_checkpoints
+from train.run_dir import save_job_config, start_checkpoints
 from train.run_lock import RunDirInUse, release_run_lock, take_run_lock
 from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
@@ -122,8 +122,11 @@ def validated(cfg: DictConfig | Config) -> tuple[Config, list]:
         raise ConfigError(str(error)) from error
 
 
-def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
-    """Train (or only plan) the job described by ``cfg``; returns the summary."""
+def run(
+    cfg: DictConfig | Config, run_dir: str | Path, job_files: dict[str, str] | None = None
+) -> dict:
+    """Train (or only plan) the job described by ``cfg``; returns the summary.
+    ``job_files``: the config files to keep in ``run_dir/.hydra`` (name -> text)."""
     config, groups = validated(cfg)
     quiet_library_logs()
     try:
@@ -133,7 +136,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict:
     # A rank that fails tells the others, which stop within seconds naming its error.
     failures = watch_rank_failures(context.rank, context.world_size)
     try:
-        return _run(config, groups, context, Path(run_dir))
+        return _run(config, groups, context, Path(run_dir), job_files or {})
     except (Stopped, KeyboardInterrupt):
         raise  # every rank stops together: nothing to tell the others
     except BaseException as error:
@@ -183,7 +186,9 @@ class JobData:
     eval_bayes_auc: float | None
 
 
-def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> dict:
+def _run(
+    config: Config, groups, context: DistributedContext, run_dir: Path, job_files: dict[str, str]
+) -> dict:
     """The phases of a job, top-down: build, data, logging, resume, train, summary, report."""
     say = _printer(context)
     if config.plan_topology.world_size is not None:
@@ -197,6 +202,7 @@ def _run(config: Config, groups, context: DistributedContext, run_dir: Path) -> 
         on_rank_zero(take_run_lock, run_dir)
     except RunDirInUse as error:
         raise ConfigError(str(error)) from None
+    on_rank_zero(save_job_config, run_dir, job_files)
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     if config.plan_only:

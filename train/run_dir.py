@@ -8,7 +8,8 @@ Several torchrun agents (nodes) without a rendezvous id (``--nnodes 2 --node_ran
 --master_addr ...``, torchrun's static rendezvous) share nothing of the kind: that is an
 error, not a directory per node.
 
-``start_checkpoints`` makes the directory's checkpoints folder the current run's.
+``start_checkpoints`` makes the directory's checkpoints folder the current run's;
+``save_job_config`` writes the composed config into its ``.hydra`` folder.
 """
 
 from __future__ import annotations
@@ -97,3 +98,16 @@ def start_checkpoints(run_dir: Path, resume: str) -> str:
         temporary.write_text(run_id + "\n")
         os.replace(temporary, root / RUN_ID)
     return run_id
+
+
+JOB_CONFIG_DIR = ".hydra"
+
+
+def save_job_config(run_dir: Path, files: dict[str, str]) -> None:
+    """Write the job's config files (``config.yaml``, ``overrides.yaml``, ``hydra.yaml``:
+    where Hydra itself would) into ``run_dir/.hydra``. Called once the job holds the run
+    directory, so a second job refused there leaves the first one's files as they were."""
+    folder = run_dir / JOB_CONFIG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
