@@ -11,6 +11,7 @@ launcher that could kill the waiting one.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,3 +85,39 @@ def test_a_rank_stuck_waiting_is_ended_naming_the_failed_rank(tmp_path):
     # One poll (1 s) and the grace the main thread gets to fail by itself (3 s), plus start-up
     # slack on a loaded machine; the sleep it ended was 120 s.
     assert waited < 15, waited
+
+
+# Rank 1 dies without a word (as if killed) while rank 0 waits in a gloo all_reduce.
+SILENT_DEATH = """
+import os, torch
+import torch.distributed as dist
+from train.rank_failures import watch_rank_failures
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+channel = watch_rank_failures(rank, 2)
+dist.barrier()
+if rank == 1:
+    os._exit(9)
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as error:
+    print(channel.explain(error))
+"""
+
+
+def test_a_rank_that_dies_silently_is_reported_as_lost_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", SILENT_DEATH], env={**env, "RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=60) for rank in ranks]
+    explained = outputs[0][0].strip()
+    # gloo says "closed" or "reset" depending on where the read was.
+    assert re.fullmatch(
+        r"another rank ended without a message \(killed, out of memory or crashed: see its "
+        r"log\); rank 0 lost it in a collective \(RuntimeError: Connection (closed|reset) by peer\)",
+        explained,
+    ), outputs[0]

@@ -65,7 +65,9 @@ _ENTRY = re.compile(r"step_(\d+)(\.partial|\.replaced|\.pruned)?")
 # reaches that point, so tests can check that every crash point is recovered from. Points, in
 # the order a save reaches them: after_shards (every rank), after_meta, between_renames (a
 # same-step checkpoint set aside, the new one still .partial), after_renames, while_pruning.
+# HASHREC_CHECKPOINT_FAULT_RANK=<r> limits it to rank r (one rank of a job dying mid-save).
 FAULT_ENV = "HASHREC_CHECKPOINT_FAULT"
+FAULT_RANK_ENV = "HASHREC_CHECKPOINT_FAULT_RANK"
 FAULT_EXIT_CODE = 86
 
 
@@ -89,6 +91,9 @@ def step_dir(root: Path, step: int) -> Path:
 
 def _fault(point: str, step: int) -> None:
     wanted = os.environ.get(FAULT_ENV)
+    rank = os.environ.get(FAULT_RANK_ENV)
+    if rank is not None and dist.is_initialized() and int(rank) != dist.get_rank():
+        return
     if wanted in (point, f"{point}@{step}"):
         print(f"hashrec: test fault: exiting at checkpoint point {point} (step {step})",
               file=sys.stderr, flush=True)

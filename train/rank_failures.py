@@ -24,6 +24,7 @@ step or the device.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -38,9 +39,13 @@ class RankFailed(Exception):
     """Another rank failed first; the message names it and its one line. ``announce``: this
     rank prints it (rank 0 only: one line for the job, not one per rank)."""
 
-    def __init__(self, failed_rank: int, line: str, announce: bool) -> None:
-        super().__init__(f"rank {failed_rank} failed: {line}")
+    def __init__(self, message: str, announce: bool) -> None:
+        super().__init__(message)
         self.announce = announce
+
+    @classmethod
+    def of(cls, failed_rank: int, line: str, announce: bool) -> RankFailed:
+        return cls(f"rank {failed_rank} failed: {line}", announce)
 
 
 def _failure_key() -> str:
@@ -103,8 +108,18 @@ class RankFailureChannel:
             for _ in range(max(1, int(self.grace_s / 0.1))):
                 failure = self.other_rank_failure()
                 if failure is not None:
-                    return RankFailed(*failure, announce=self.rank == 0)
+                    return RankFailed.of(*failure, announce=self.rank == 0)
                 time.sleep(0.1)
+            lost = _LOST_PEER.search(str(error))
+            if lost:
+                # A rank that died without a word (killed, out of memory, a crash in C++).
+                # Every rank says so: the one that would print alone may be the dead one.
+                return RankFailed(
+                    "another rank ended without a message (killed, out of memory or crashed: "
+                    f"see its log); rank {self.rank} lost it in a collective "
+                    f"({type(error).__name__}: {lost.group(0)})",
+                    announce=True,
+                )
         self.publish(_one_line(error))
         return error
 
@@ -125,10 +140,18 @@ class RankFailureChannel:
                 return
             # Still stuck (an nccl collective that never returns): end the process.
             if self.rank == 0:
-                sys.stderr.write(f"hashrec: error: {RankFailed(*failure, announce=True)}\n")
+                sys.stderr.write(f"hashrec: error: {RankFailed.of(*failure, announce=True)}\n")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(RANK_FAILED_EXIT_CODE)
+
+
+# What gloo and nccl say when the other end of a collective has gone away.
+_LOST_PEER = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|remote process exited"
+    r"|communicator was aborted",
+    re.IGNORECASE,
+)
 
 
 def _may_be_a_lost_peer(error: BaseException) -> bool:
