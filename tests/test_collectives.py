@@ -55,6 +55,7 @@ def _pid_and_errors(rank: int, world_size: int) -> None:
     cpu = torch.device("cpu")
     assert reduce_over_ranks(rank + 3, cpu) == 7
     assert reduce_over_ranks(rank + 3, cpu, "max") == 4
+    assert reduce_over_ranks(rank + 3, cpu, "min") == 3
     assert global_mean(float(rank), cpu) == 0.5
     # The lowest rank's error, on every rank; None when no rank has one.
     assert first_error(None) is None

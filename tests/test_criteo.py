@@ -73,19 +73,31 @@ def test_training_on_the_real_sample_beats_chance(tmp_path):
     assert summary["evals"][-1]["num_samples"] == 409
 
 
-def write_parquet(root: Path, nan_at: int | None = None) -> list[str]:
-    """The sample as Parquet with string categorical IDs; returns the train overrides."""
+def write_parquet(
+    root: Path,
+    nan_at: int | None = None,
+    row_groups: tuple[int, int] = (1000, 100),
+    nan_rows: dict[str, list[int]] | None = None,
+) -> list[str]:
+    """The sample as Parquet with string categorical IDs; returns the train overrides.
+
+    Row groups of ``row_groups`` rows (train, eval); dense feature I3 is NaN in train row
+    ``nan_at`` and in the rows ``nan_rows`` lists per split ("train", "eval")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for split, name, row_group in (("train", "train.tsv", 1000), ("eval", "dev.tsv", 100)):
+    nan_rows = {"train": [], "eval": [], **(nan_rows or {})}
+    if nan_at is not None:
+        nan_rows["train"] = [*nan_rows["train"], nan_at]
+    for split, name, row_group in zip(("train", "eval"), ("train.tsv", "dev.tsv"), row_groups):
         rows = raw_rows(SAMPLE / name)
         table = {"label": pa.array([int(r[0]) for r in rows], pa.int64())}
         for i in range(13):
             # Dense columns arrive as the user prepared them (here: DLRM's log transform).
             values = [math.log1p(max(int(r[1 + i]), 0)) if r[1 + i] else None for r in rows]
-            if nan_at is not None and split == "train" and i == 2:
-                values[nan_at] = float("nan")
+            if i == 2:
+                for row in nan_rows[split]:
+                    values[row] = float("nan")
             table[f"I{i + 1}"] = pa.array(values)
         for i in range(26):  # hex strings kept as strings: hashed to int64 IDs by the loader
             table[f"C{i + 1}"] = pa.array([r[14 + i] or None for r in rows], pa.string())

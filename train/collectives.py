@@ -8,7 +8,8 @@ returning what one rank alone would.
 - ``first_error``: any rank's error message, on every rank.
 - ``barrier``: every rank waits for all.
 - ``gather_concat`` / ``gather_stack``: every rank's tensor, on every rank.
-- ``reduce_over_ranks`` / ``global_mean``: a number summed, maximised or averaged over ranks.
+- ``reduce_over_ranks`` / ``global_mean``: a number summed, maximised, minimised or averaged
+  over ranks.
 - ``AnyRankVote``: "did any rank raise its flag?", asynchronously, on a host-side group.
 """
 
@@ -123,13 +124,16 @@ def gather_stack(tensor: torch.Tensor) -> torch.Tensor:
     return gather_concat(tensor.unsqueeze(0))
 
 
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
 def reduce_over_ranks(value: int, device: torch.device, op: str = "sum") -> int:
-    """An integer summed (``sum``) or maximised (``max``) over ranks. A collective: every rank
-    must call it."""
+    """An integer summed (``sum``), maximised (``max``) or minimised (``min``) over ranks. A
+    collective: every rank must call it."""
     if not _distributed():
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=REDUCE_OPS[op])
     return int(tensor)
 
 

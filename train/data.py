@@ -18,7 +18,7 @@ from modules.data_sources import CriteoSource, DataSource, ParquetSource, Plante
 from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
-from train.collectives import gather_concat, on_rank_zero
+from train.collectives import first_error, gather_concat, on_rank_zero, reduce_over_ranks
 from train.config import Config, spec_values
 from train.distributed import DistributedContext
 
@@ -99,9 +99,38 @@ def build_data_source(
             config.features.num_dense_features,
         )
     else:
-        source = ParquetSource(
+        parquet = ParquetSource(
             train_path, eval_path, groups, config.trainer.batch_size,
             data.label_column, list(data.dense_columns), list(data.categorical_columns),
             skip_bad_rows=data.on_bad_row == "skip",
         )
+        parquet.num_eval_batches = agreed_eval_batches(parquet, context)
+        source = parquet
     return source, None
+
+
+def agreed_eval_batches(source: ParquetSource, context: DistributedContext) -> int:
+    """The eval batches every rank runs: the smallest count of full batches over ranks, after
+    bad rows are dropped (a collective: every rank must call it).
+
+    Each eval batch is a collective (sharded lookups), so all ranks must run the same count;
+    with data.on_bad_row=skip the Parquet metadata's row counts overstate what survives, and
+    not by the same amount on every rank. Each rank counts only its own row groups (their
+    dense columns, read once) and the ranks agree on the smallest.
+    """
+    error = None
+    try:
+        local = source.num_local_eval_batches(context.rank, context.world_size)
+    except (ValueError, OSError) as caught:  # one rank's unreadable file reaches every rank
+        local, error = 0, str(caught)
+    error = first_error(error)
+    if error is not None:
+        raise ValueError(error)
+    count = reduce_over_ranks(local, context.device, "min")
+    if count == 0:
+        raise ValueError(
+            f"{source.eval_groups[0][0].parent}: too few eval rows for {context.world_size} "
+            f"rank(s) of batch {source.batch_size}"
+            + (" after dropping bad rows" if source.skip_bad_rows else "")
+        )
+    return count
