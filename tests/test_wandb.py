@@ -378,6 +378,11 @@ def test_exported_model_hook_logs_a_model_artifact_to_the_trained_run(tmp_path, 
     model.write_bytes(b"exported weights")
     directory = log_exported_model(LoggerConfig(name="t", mode="offline"), run_dir, model,
                                    {"precision": "fp16"})
+    # The export script exits after the hook, which stops W&B's service and its writer (as
+    # train/__main__.py does); in this process, do that before reading the run file.
+    import wandb
+
+    wandb.teardown()
     run = read_run(only(find_run_files(directory)))
     assert run.run_id == "trained1" and run.job_type == "export"
     [artifact] = [artifact for artifact in run.artifacts if artifact.type == "model"]

@@ -180,7 +180,9 @@ def _plan_target(
     return summary
 
 
-def _log_plan(config: Config, context: DistributedContext, run_dir: Path, placed, summary) -> None:
+def _log_plan(
+    config: Config, context: DistributedContext, run_dir: Path, placed, summary: dict
+) -> None:
     """A plan_only job's W&B run (job_type plan) and metrics.jsonl: the config, the system,
     the plan table and the summary (rank 0; nothing elsewhere)."""
     start_run_logging(config, context, run_dir, placed).finish(summary)
