@@ -1,8 +1,15 @@
-"""Click-model metrics on plain tensors: exact AUC, log loss, normalized entropy."""
+"""Click-model metrics on plain tensors: exact AUC, log loss, normalized entropy, calibration
+and click-through rates.
+
+Each takes every prediction at once (no streaming state), so the figure is exact over the
+samples given; ``click_metrics`` returns all of them for one set of predictions. They run on
+the tensors' own device; reading the result is one host-device sync per figure.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -49,3 +56,49 @@ def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return math.nan
     base_entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
     return log_loss(logits, labels) / base_entropy
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Predicted clicks over actual clicks, sum(sigmoid(logits)) / sum(labels), from logits [N]
+    and 0/1 labels [N]: 1 is calibrated, above 1 over-predicts. NaN without clicks."""
+    clicks = float(labels.double().sum())
+    if clicks == 0:
+        return math.nan
+    return float(torch.sigmoid(logits.double()).sum()) / clicks
+
+
+def click_rate(labels: torch.Tensor) -> float:
+    """The actual CTR: the mean of 0/1 labels [N]."""
+    return float(labels.double().mean())
+
+
+def predicted_click_rate(logits: torch.Tensor) -> float:
+    """The predicted CTR: the mean of sigmoid(logits) [N]."""
+    return float(torch.sigmoid(logits.double()).mean())
+
+
+@dataclass
+class ClickMetrics:
+    """Every figure of one set of predictions (field names are summary.json's)."""
+
+    auc: float
+    normalized_entropy: float
+    log_loss: float
+    calibration: float
+    ctr: float
+    predicted_ctr: float
+    num_samples: int
+
+
+def click_metrics(logits: torch.Tensor, labels: torch.Tensor) -> ClickMetrics:
+    """AUC, NE, log loss, calibration, actual and predicted CTR of logits [N] against 0/1
+    labels [N]."""
+    return ClickMetrics(
+        auc=auc(logits, labels),
+        normalized_entropy=normalized_entropy(logits, labels),
+        log_loss=log_loss(logits, labels),
+        calibration=calibration(logits, labels),
+        ctr=click_rate(labels),
+        predicted_ctr=predicted_click_rate(logits),
+        num_samples=labels.numel(),
+    )

@@ -232,6 +232,11 @@ def test_no_host_sync_in_a_training_step_except_logging_steps(tmp_path):
         assert not offending, f"rank {rank}: host syncs outside logging steps: {offending}"
         # The logging steps do sync (the report reads the gathered figures): the counter works.
         assert all(counts[str(s)] > 0 for s in logging_steps), counts
+        if rank == 0:
+            # The window's train AUC / NE are scored there, from the logits each step kept on
+            # the device: the counter sees those reads at the logging steps and nowhere else.
+            assert all(any("modules/metrics.py" in site for site in reads[str(s)])
+                       for s in logging_steps), reads
         # TorchRec's "no dist stream" warning is noise on CPU (no streams) and is not printed.
         assert found["postproc_warnings"] == []
 

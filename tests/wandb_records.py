@@ -88,11 +88,30 @@ def _key(item: Any) -> str:
 
 
 @dataclass
+class Artifact:
+    """An artifact record: what ``run.log_artifact`` logged (files listed, not read)."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict[str, Any]
+    paths: list[str]  # each entry's path inside the artifact
+    references: list[str]  # each entry's reference URI ("" when uploaded)
+
+
+@dataclass
 class RunFile:
-    """What a run file says: history rows, config, summary, files, the run's id."""
+    """What a run file says: history rows, config, summary, files, the run's id, job type,
+    notes, ``define_metric`` settings and artifacts."""
 
     run_id: str = ""
     project: str = ""
+    job_type: str = ""
+    notes: str = ""
+    # define_metric records by name (glob ones by their glob): step_metric, hidden, summary
+    # (the aggregations it keeps, e.g. {"max", "last"}).
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +133,8 @@ def read_run(path: str | Path) -> RunFile:
         if kind == "run":
             run.run_id = record.run.run_id
             run.project = record.run.project
+            run.job_type = record.run.job_type
+            run.notes = record.run.notes
             for item in record.run.config.update:
                 run.config[_key(item)] = _value(item.value_json)
         elif kind == "config":
@@ -129,6 +150,24 @@ def read_run(path: str | Path) -> RunFile:
             run.files += [item.path for item in record.files.files]
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "metric":
+            metric = record.metric
+            summary = {field.name for field, on in metric.summary.ListFields() if on is True}
+            run.metrics[metric.name or metric.glob_name] = {
+                "step_metric": metric.step_metric,
+                "hidden": metric.options.hidden,
+                "summary": summary,
+            }
+        elif kind == "artifact":
+            artifact = record.artifact
+            run.artifacts.append(Artifact(
+                name=artifact.name,
+                type=artifact.type,
+                aliases=list(artifact.aliases),
+                metadata=json.loads(artifact.metadata) if artifact.metadata else {},
+                paths=[entry.path for entry in artifact.manifest.contents],
+                references=[entry.ref for entry in artifact.manifest.contents],
+            ))
     return run
 
 

@@ -46,8 +46,12 @@ class CheckpointPolicy(TrainingHook):
         config: CheckpointConfig,
         total_steps: int,
         say: Callable[[str], None],
+        on_saved: Callable[[int, Path], None] | None = None,
     ) -> None:
+        """``on_saved(step, path)``: called on every rank after each complete save (W&B
+        artifacts, ``logger.log_checkpoints``)."""
         self.run_dir = run_dir
+        self.on_saved = on_saved
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -64,6 +68,8 @@ class CheckpointPolicy(TrainingHook):
         path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.config.keep)
         self.last_saved_step = step
         self.say(f"checkpoint: step {step} -> {path}")
+        if self.on_saved is not None:
+            self.on_saved(step, path)
 
     def after_step(self, step: int) -> bool:
         """Called by every rank after every step; True = stop training now.

@@ -363,11 +363,23 @@ class LoggerConfig:
     jsonl: bool = True
     # A tqdm bar when stdout is a terminal; false = plain lines always.
     progress_bar: bool = True
+    # W&B run notes (the run page's description), e.g. what this run tries; empty = none.
+    notes: str = ""
+    # Up to this many ranks, one W&B key per rank and figure (perf/step_seconds/rank3); above,
+    # min / median / max over ranks and one perf/rank_table per report (the key count stays fixed).
+    per_rank_keys_max_world_size: int = 8
+    # Each checkpoint saved becomes a W&B artifact (a reference to its folder, config as metadata).
+    log_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("logger.mode", self.mode, LOGGER_MODES)
         _check_positive("logger.log_every", self.log_every)
         _check_positive("logger.init_timeout_s", self.init_timeout_s)
+        if self.per_rank_keys_max_world_size < 0:
+            raise ValueError(
+                "logger.per_rank_keys_max_world_size must be >= 0, got "
+                f"{self.per_rank_keys_max_world_size}"
+            )
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from modules.batch import Batch
-from modules.metrics import auc, log_loss, normalized_entropy
+from modules.metrics import click_metrics
 from train.collectives import gather_concat, gather_stack, global_mean
 from train.distributed import DistributedContext
 from train.id_range_checks import deferred_id_range_errors, raise_if_ids_out_of_range
@@ -37,8 +37,10 @@ from train.step_stats import (
     TimedIterator,
     Window,
     rank_figures,
+    rank_table,
     window_metrics,
 )
+from train.window_quality import PredictionWindow, window_quality
 from train.system_info import measured_embedding_bytes
 
 # Steps excluded from throughput at the start of a run (planner caches, allocator warm-up).
@@ -47,12 +49,18 @@ WARMUP_STEPS = 10
 
 @dataclass
 class EvalResult:
+    """One evaluation over every rank's eval samples (summary.json's ``evals`` entries)."""
+
     step: int
     auc: float
     normalized_entropy: float
     log_loss: float
     num_samples: int
     seconds: float = 0.0
+    # Predicted clicks / actual clicks (1 = calibrated), actual and predicted click rates.
+    calibration: float = math.nan
+    ctr: float = math.nan
+    predicted_ctr: float = math.nan
 
 
 @dataclass
@@ -97,6 +105,9 @@ class Reporting:
     metrics: MetricsLogger | None = None
     progress_bar: bool = True
     planned_embedding_bytes: list[int] | None = None
+    # Above this many ranks, per-rank figures are logged as min / median / max over ranks
+    # plus one perf/rank_table per report instead of one key per rank.
+    per_rank_keys_max_world_size: int = 8
 
 
 class TrainingHook:
@@ -209,8 +220,8 @@ class Trainer:
         return extras
 
     def _run_segment(self, start: int, stop: int, losses: deque[torch.Tensor]) -> None:
-        """Train steps [start, stop). Loss tensors are kept, not converted: converting is a
-        host-device sync on GPU, done only at reports (every log_every steps)."""
+        """Train steps [start, stop). Loss, logit and label tensors are kept, not converted:
+        converting is a host-device sync on GPU, done only at reports (every log_every steps)."""
         self.model.train()
         self.pipeline.reset()
         # The pipeline pulls batches inside progress(); timing next() splits data wait
@@ -222,8 +233,9 @@ class Trainer:
             for step in range(start, stop):
                 # The fused embedding optimizer picks the new lr up in zero_grad() in progress().
                 self.schedule.set_step(step)
-                loss, _, _ = self.pipeline.progress(batches)
+                loss, logits, labels = self.pipeline.progress(batches)
                 losses.append(loss)
+                self.predictions.add(logits, labels)
                 self.progress.advance()
                 if (step + 1) % self.log_every == 0 or step + 1 == stop:
                     self._report(step + 1, window, batches, losses)
@@ -246,8 +258,13 @@ class Trainer:
         # Every rank's figures, [world_size, len(RANK_FIGURES)] on the host: the one
         # host-device sync of the window.
         per_rank = gather_stack(figures).cpu()
+        # Every rank's logits and labels of the window, [world_size, 2, N], left on the device
+        # (a second all_gather, of 8 bytes per sample): rank 0 scores them where they are.
+        predictions = gather_stack(self.predictions.last(num_steps))
         if not self.context.is_main:
             return
+        world_size = self.context.world_size
+        per_rank_keys = world_size <= self.reporting.per_rank_keys_max_world_size
         metrics = window_metrics(
             per_rank,
             batch_size=self.batch_size,
@@ -255,11 +272,21 @@ class Trainer:
             on_cuda=self.context.device.type == "cuda",
             planned_embedding_bytes=self.planned_embedding_bytes,
             measured_embedding_bytes=self._measured_embedding_bytes,
+            per_rank_keys=per_rank_keys,
         )
+        metrics.update(window_quality(predictions))
         lrs = learning_rates(self.optimizer)
         metrics.update(lrs)
         if self.metrics is not None:
             self.metrics.log(metrics, step)
+            if not per_rank_keys:
+                table = rank_table(
+                    per_rank,
+                    on_cuda=self.context.device.type == "cuda",
+                    planned_embedding_bytes=self.planned_embedding_bytes,
+                    measured_embedding_bytes=self._measured_embedding_bytes,
+                )
+                self.metrics.log_table("perf/rank_table", *table, step=step)
         self.progress.report(
             step,
             loss=metrics["train/loss"],
@@ -290,13 +317,17 @@ class Trainer:
         self.model.train()
         all_logits = gather_concat(torch.cat(logits).float()).cpu()
         all_labels = gather_concat(torch.cat(labels).float()).cpu()
+        scores = click_metrics(all_logits, all_labels)
         result = EvalResult(
             step=step,
-            auc=auc(all_logits, all_labels),
-            normalized_entropy=normalized_entropy(all_logits, all_labels),
-            log_loss=log_loss(all_logits, all_labels),
-            num_samples=all_labels.numel(),
+            auc=scores.auc,
+            normalized_entropy=scores.normalized_entropy,
+            log_loss=scores.log_loss,
+            num_samples=scores.num_samples,
             seconds=time.perf_counter() - started,
+            calibration=scores.calibration,
+            ctr=scores.ctr,
+            predicted_ctr=scores.predicted_ctr,
         )
         extras = self._after_eval(step)
         if self.metrics is not None:
@@ -305,6 +336,9 @@ class Trainer:
                     "eval/auc": result.auc,
                     "eval/ne": result.normalized_entropy,
                     "eval/log_loss": result.log_loss,
+                    "eval/calibration": result.calibration,
+                    "eval/ctr": result.ctr,
+                    "eval/predicted_ctr": result.predicted_ctr,
                     "eval/num_samples": result.num_samples,
                     "perf/eval_seconds": result.seconds,
                     **extras,
@@ -345,6 +379,7 @@ class Trainer:
         boundaries = [b for b in boundaries if b > start_step] + [steps]
         warmup_end = start_step + WARMUP_STEPS
         losses: deque[torch.Tensor] = deque(maxlen=max(self.log_every, 1))
+        self.predictions = PredictionWindow(max(self.log_every, 1))
         evals: list[EvalResult] = []
         timed_seconds = 0.0
         timed_steps = 0

@@ -12,6 +12,7 @@ AUC), ``perf/`` (samples/s, step-time split), ``mem/`` (RSS, CUDA, planned embed
     {"kind": "config", "config": {...}}                       once: the resolved config
     {"kind": "system", "system": {...}}                       once: world size, device, versions
     {"kind": "table", "key": "mem/sharding_plan", "step": 0, "columns": [...], "rows": [...]}
+    {"kind": "checkpoint", "step": 500, "path": "..."}        with logger.log_checkpoints
     {"kind": "metrics", "step": 50, "time": 1.7e9, "train/loss": 0.61, ...}
     {"kind": "summary", "summary": {...}}                     once: what summary.json holds
 """
@@ -48,6 +49,7 @@ class MetricsLogger:
         self.config = config
         self.is_main = is_main
         self.run_dir = run_dir
+        self.run_config = run_config or {}
         self.jsonl_path: Path | None = None
         self._jsonl = None
         self.wandb: WandbRun | None = None
@@ -86,6 +88,24 @@ class MetricsLogger:
         self._write({"kind": "table", "key": key, "step": step, "columns": columns, "rows": rows})
         if self.wandb is not None:
             self.wandb.log_table(key, columns, rows, step=step)
+
+    def log_run_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of the run itself (the sharding plan), kept by W&B across resumes
+        (``WandbRun.log_run_table``); step 0 in metrics.jsonl."""
+        if not self.is_main:
+            return
+        self._write({"kind": "table", "key": key, "step": 0, "columns": columns, "rows": rows})
+        if self.wandb is not None:
+            self.wandb.log_run_table(key, columns, rows)
+
+    def log_checkpoint(self, step: int, path: Path) -> None:
+        """A saved checkpoint: a JSONL line and a W&B ``checkpoint`` artifact whose metadata is
+        the run's config (call on every rank after the save; only rank 0 writes)."""
+        if not self.is_main:
+            return
+        self._write({"kind": "checkpoint", "step": step, "path": str(path)})
+        if self.wandb is not None:
+            self.wandb.log_checkpoint(step, path, {"config": self.run_config})
 
     def log_facts(self, kind: str, facts: dict[str, Any]) -> None:
         """Once-per-run facts (e.g. ``system``): a JSONL line and a W&B config entry, so runs
@@ -184,5 +204,5 @@ def start_run_logging(
         metrics.log_facts(
             "system", system_facts(context.world_size, context.device, context.backend)
         )
-        metrics.log_table("mem/sharding_plan", *plan_table(placed), step=0)
+        metrics.log_run_table("mem/sharding_plan", *plan_table(placed))
     return metrics

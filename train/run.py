@@ -153,7 +153,9 @@ def run(
         shutdown_distributed()
 
 
-def _plan_target(config: Config, groups, context: DistributedContext, say) -> dict:
+def _plan_target(
+    config: Config, groups, context: DistributedContext, run_dir: Path, say
+) -> dict:
     """plan_only for a target topology: rank 0 plans, prints, and says whether it fits."""
     target = config.plan_topology
     say(
@@ -168,12 +170,22 @@ def _plan_target(config: Config, groups, context: DistributedContext, say) -> di
     say(plan.caps.describe())
     say("memory per rank\n" + format_memory(plan))
     say("the plan fits")
-    return {
+    summary = {
         "world_size": target.world_size,
         "embedding_bytes_per_rank": embedding_bytes_per_rank(plan.placed, target.world_size),
         "hbm_bytes_per_rank": plan.hbm_bytes_per_rank,
         "host_bytes_per_rank": plan.host_bytes_per_rank,
     }
+    _log_plan(config, context, run_dir, plan.placed, summary)
+    return summary
+
+
+def _log_plan(
+    config: Config, context: DistributedContext, run_dir: Path, placed, summary: dict
+) -> None:
+    """A plan_only job's W&B run (job_type plan) and metrics.jsonl: the config, the system,
+    the plan table and the summary (rank 0; nothing elsewhere)."""
+    start_run_logging(config, context, run_dir, placed).finish(summary)
 
 
 @dataclass
@@ -192,7 +204,7 @@ def _run(
     """The phases of a job, top-down: build, data, logging, resume, train, summary, report."""
     say = _printer(context)
     if config.plan_topology.world_size is not None:
-        return _plan_target(config, groups, context, say)
+        return _plan_target(config, groups, context, run_dir, say)
     say(
         f"hashrec: world size {context.world_size} ({context.backend}, {context.device.type}), "
         f"features={config.features.name} model={config.model.name} "
@@ -206,14 +218,17 @@ def _run(
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     if config.plan_only:
-        return {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
+        summary = {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
+        _log_plan(config, context, run_dir, job.placed, summary)
+        return summary
     data = _data(config, groups, context, say)
     metrics = _start_logging(config, context, run_dir, job, say)
     start_step = resume_if_asked(config, job, run_dir, say)
     # The hooks the loop calls on every rank: checkpoints and pre-emption after every step;
     # the hashing report (and the planted data's Bayes AUC) after every eval.
     checkpoints = CheckpointPolicy(
-        run_dir, job.model, job.optimizer, config.checkpoint, config.trainer.steps, say
+        run_dir, job.model, job.optimizer, config.checkpoint, config.trainer.steps, say,
+        on_saved=metrics.log_checkpoint if config.logger.log_checkpoints else None,
     )
     hashing = HashingReportHook(
         groups, config.optim.embedding, data.feed.eval_batches, job.model
@@ -231,6 +246,7 @@ def _run(
             metrics=metrics,
             progress_bar=config.logger.progress_bar,
             planned_embedding_bytes=per_rank,
+            per_rank_keys_max_world_size=config.logger.per_rank_keys_max_world_size,
         ),
         hooks,
     )

@@ -10,6 +10,7 @@ packs its figures into one float64 vector and one ``all_gather`` (``gather_stack
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Iterator, TypeVar
@@ -104,6 +105,30 @@ def rank_figures(
     return torch.cat([window_loss.detach().to(torch.float64).reshape(1), host.to(device)])
 
 
+def rank_series(
+    per_rank: torch.Tensor,
+    on_cuda: bool,
+    planned_embedding_bytes: list[int],
+    measured_embedding_bytes: list[int] | None,
+) -> dict[str, list[float]]:
+    """Each per-rank figure of a window as ``{"perf/step_seconds": [rank 0, rank 1, ...]}``,
+    from the gathered [world_size, K] figures; CUDA memory only on CUDA, the measured
+    embedding bytes only once measured."""
+    column = {name: per_rank[:, index].tolist() for index, name in enumerate(RANK_FIGURES)}
+    series = {
+        f"perf/{name}": column[name]
+        for name in ("samples_per_sec", "step_seconds", "data_wait_seconds", "compute_seconds")
+    }
+    memory = ["rss_bytes", "peak_rss_bytes"]
+    if on_cuda:
+        memory += ["cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_peak_allocated_bytes"]
+    series.update({f"mem/{name}": column[name] for name in memory})
+    series["mem/embedding_planned_bytes"] = list(planned_embedding_bytes)
+    if measured_embedding_bytes is not None:
+        series["mem/embedding_measured_bytes"] = list(measured_embedding_bytes)
+    return series
+
+
 def window_metrics(
     per_rank: torch.Tensor,
     batch_size: int,
@@ -111,8 +136,14 @@ def window_metrics(
     on_cuda: bool,
     planned_embedding_bytes: list[int],
     measured_embedding_bytes: list[int] | None,
+    per_rank_keys: bool = True,
 ) -> dict[str, float]:
-    """W&B keys for one window from the gathered [world_size, K] figures."""
+    """W&B keys for one window from the gathered [world_size, K] figures.
+
+    ``per_rank_keys``: one key per rank and figure (``perf/step_seconds/rank3``); else, for
+    large jobs whose key count would grow with the world size, ``/min``, ``/median`` and
+    ``/max`` over ranks (``rank_table`` then holds the per-rank figures).
+    """
     world_size = per_rank.shape[0]
     column = {name: per_rank[:, index].tolist() for index, name in enumerate(RANK_FIGURES)}
     slowest_step = max(column["step_seconds"])
@@ -128,16 +159,27 @@ def window_metrics(
         "mem/rss_bytes_max": max(column["rss_bytes"]),
         "mem/peak_rss_bytes_max": max(column["peak_rss_bytes"]),
     }
-    names = ["samples_per_sec", "step_seconds", "data_wait_seconds", "compute_seconds"]
-    memory = ["rss_bytes", "peak_rss_bytes"]
-    if on_cuda:
-        memory += ["cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_peak_allocated_bytes"]
-    for rank in range(world_size):
-        for name in names:
-            metrics[f"perf/{name}/rank{rank}"] = column[name][rank]
-        for name in memory:
-            metrics[f"mem/{name}/rank{rank}"] = column[name][rank]
-        metrics[f"mem/embedding_planned_bytes/rank{rank}"] = planned_embedding_bytes[rank]
-        if measured_embedding_bytes is not None:
-            metrics[f"mem/embedding_measured_bytes/rank{rank}"] = measured_embedding_bytes[rank]
+    series = rank_series(per_rank, on_cuda, planned_embedding_bytes, measured_embedding_bytes)
+    for key, values in series.items():
+        if per_rank_keys:
+            metrics.update({f"{key}/rank{rank}": value for rank, value in enumerate(values)})
+        else:
+            metrics[f"{key}/min"] = min(values)
+            metrics[f"{key}/median"] = statistics.median(values)
+            metrics[f"{key}/max"] = max(values)
     return metrics
+
+
+def rank_table(
+    per_rank: torch.Tensor,
+    on_cuda: bool,
+    planned_embedding_bytes: list[int],
+    measured_embedding_bytes: list[int] | None,
+) -> tuple[list[str], list[list[float]]]:
+    """The window's per-rank figures as a table: a ``rank`` column, then one column per
+    figure (``perf/step_seconds``, ``mem/rss_bytes``, ...), one row per rank."""
+    series = rank_series(per_rank, on_cuda, planned_embedding_bytes, measured_embedding_bytes)
+    columns = ["rank", *series]
+    rows = [[rank, *(values[rank] for values in series.values())]
+            for rank in range(per_rank.shape[0])]
+    return columns, rows

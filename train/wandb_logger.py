@@ -9,6 +9,19 @@ JSONL (see ``train/metrics_logger.py``) still has every figure.
 Run ids: a job keeps its W&B run id in ``<run dir>/wandb/hashrec_run_id``; a job started
 again in the same run directory (a requeued Slurm job, a resumed torchrun job) reads it and
 continues the same W&B run (``resume="allow"``). ``logger.run_id`` forces an id.
+
+What a W&B user gets (docs/logging.md has the full list):
+
+- every key is charted against ``train/global_step`` (``define_metric``), and the run table
+  can sort runs by ``eval/auc`` (max and last), ``eval/ne`` and ``eval/log_loss`` (min and
+  last), as W&B keeps those summaries from the whole history;
+- ``job_type`` ``train``, ``plan`` (plan_only) or ``sweep_point`` (a Hydra multirun job), and
+  the run's ``notes`` from ``logger.notes``;
+- once-per-run tables (the sharding plan) that survive a resume: W&B keeps only steps above
+  the last it has for a run, so a continued run puts them in the run summary, which no step
+  bounds, instead of at step 0;
+- with ``logger.log_checkpoints=true``, each saved checkpoint as a ``checkpoint`` artifact,
+  and ``log_exported_model`` for the exported model (a ``model`` artifact).
 """
 
 from __future__ import annotations
@@ -24,10 +37,43 @@ from train.config import LoggerConfig
 from train.summary import json_safe
 
 RUN_ID_FILE = "hashrec_run_id"
+# The x axis of every chart: the global training step, logged with every record.
+STEP_KEY = "train/global_step"
+# Summaries W&B keeps for a key over the whole history (default: the last value), so the
+# runs table sorts by the best eval, not by whatever the last report happened to be.
+METRIC_SUMMARIES = {
+    "eval/auc": "max,last",
+    "eval/ne": "min,last",
+    "eval/log_loss": "min,last",
+    "train/loss": "min,last",
+    "train/auc": "max,last",
+    "train/ne": "min,last",
+}
 
 
 def _warn(message: str) -> None:
     print(f"hashrec: warning: {message}", file=sys.stderr, flush=True)
+
+
+def in_multirun() -> bool:
+    """True in a job of a Hydra multirun (a sweep point): Hydra's run mode says so; a job
+    started by hydra-submitit-launcher without Hydra's config set has submitit's variable."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return True
+    except Exception:  # noqa: BLE001 -- no Hydra config: not a multirun as far as Hydra says
+        pass
+    return "SUBMITIT_EXECUTOR" in os.environ
+
+
+def wandb_job_type(plan_only: bool, multirun: bool) -> str:
+    """W&B's job_type, which groups runs in the UI: plan, sweep_point or train."""
+    if plan_only:
+        return "plan"
+    return "sweep_point" if multirun else "train"
 
 
 def new_run_id() -> str:
@@ -37,7 +83,10 @@ def new_run_id() -> str:
 
 
 class WandbRun:
-    """One W&B run: ``log``, ``log_table``, ``update_config``, ``finish``; never raises."""
+    """One W&B run: ``log``, ``log_table``, ``log_run_table``, ``log_checkpoint``,
+    ``log_model``, ``update_config``, ``finish``; never raises.
+
+    ``job_type``: None = from the run config (``plan_only``) and the Hydra run mode."""
 
     def __init__(
         self,
@@ -45,6 +94,7 @@ class WandbRun:
         run_dir: Path,
         run_config: dict[str, Any],
         warn: Callable[[str], None] = _warn,
+        job_type: str | None = None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir
@@ -55,6 +105,12 @@ class WandbRun:
         self.run: Any = None
         self.wandb_root = run_dir / "wandb"
         self.run_id = config.run_id
+        self.job_type = job_type or wandb_job_type(
+            bool(run_config.get("plan_only")), in_multirun()
+        )
+        # This session continues a W&B run an earlier one started (a resumed or requeued job,
+        # or a forced id): its steps up to the last one W&B has are dropped there.
+        self.continues_run = self.run_id is not None or self._saved_run_id() is not None
         self._start(self.mode)
 
     # -- start and fall back ------------------------------------------------------------
@@ -97,13 +153,25 @@ class WandbRun:
                 id=self.run_id,
                 resume="allow",
                 config=self.run_config,
+                job_type=self.job_type,
+                notes=self.config.notes or None,
                 settings=settings,
             )
+            self.continues_run = self.continues_run or bool(getattr(self.run, "resumed", False))
+            self._define_metrics(self.run)
             self.mode = mode
             (self.wandb_root / RUN_ID_FILE).write_text(self.run_id + "\n")
         except Exception as error:  # noqa: BLE001 -- any W&B failure must not stop training
             self.run = None
             self._fall_back(error)
+
+    @staticmethod
+    def _define_metrics(run: Any) -> None:
+        """Every key against the global step, and the summaries of METRIC_SUMMARIES."""
+        run.define_metric(STEP_KEY, hidden=True)
+        run.define_metric("*", step_metric=STEP_KEY)
+        for key, summary in METRIC_SUMMARIES.items():
+            run.define_metric(key, step_metric=STEP_KEY, summary=summary)
 
     def _fall_back(self, error: BaseException) -> None:
         """An online run continues offline; an offline run drops W&B. One warning for each
@@ -171,13 +239,62 @@ class WandbRun:
             return None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._guarded(lambda run: run.log(metrics, step=step))
+        self._guarded(lambda run: run.log({**metrics, STEP_KEY: step}, step=step))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         def action(run: Any) -> None:
             import wandb
 
-            run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            run.log({key: wandb.Table(columns=columns, data=rows), STEP_KEY: step}, step=step)
+
+        self._guarded(action)
+
+    def log_run_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table that belongs to the run, not to a step (the sharding plan): at step 0 in a
+        new run; in the run summary when this session continues a run, as W&B would drop a
+        step-0 row there (it keeps only steps above its last)."""
+        if not self.continues_run:
+            self.log_table(key, columns, rows, step=0)
+            return
+
+        def action(run: Any) -> None:
+            import wandb
+
+            run.summary[key] = wandb.Table(columns=columns, data=rows)
+
+        self._guarded(action)
+
+    def log_checkpoint(self, step: int, path: Path, metadata: dict[str, Any]) -> None:
+        """Checkpoint folder ``path`` of ``step`` as version ``step-<step>`` (and ``latest``) of
+        the run's ``checkpoint-<run id>`` artifact: a reference to the folder, not a copy (a
+        checkpoint is as large as the tables), so W&B records where it is, its files and
+        sizes; it must stay there (``checkpoint.keep`` prunes old ones) to be downloaded."""
+
+        def action(run: Any) -> None:
+            import wandb
+
+            artifact = wandb.Artifact(
+                f"checkpoint-{self.run_id}", type="checkpoint",
+                metadata=json_safe({"step": step, **metadata}),
+            )
+            # checksum=False: W&B lists the files without reading them.
+            artifact.add_reference(Path(path).resolve().as_uri(), checksum=False)
+            run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
+
+        self._guarded(action)
+
+    def log_model(self, path: Path, metadata: dict[str, Any]) -> None:
+        """An exported model file as the run's ``model-<run id>`` artifact (uploaded: it is
+        what a W&B user downloads to serve)."""
+
+        def action(run: Any) -> None:
+            import wandb
+
+            artifact = wandb.Artifact(
+                f"model-{self.run_id}", type="model", metadata=json_safe(metadata)
+            )
+            artifact.add_file(str(path))
+            run.log_artifact(artifact, aliases=["latest"])
 
         self._guarded(action)
 
@@ -192,3 +309,19 @@ class WandbRun:
         self.run = None
         if directory is not None and mode == "offline":
             print(f"W&B offline run: {directory}  (upload: wandb sync {directory})", flush=True)
+
+
+def log_exported_model(
+    config: LoggerConfig, run_dir: Path, model_path: Path, metadata: dict[str, Any]
+) -> str | None:
+    """The hook for the model export (``scripts/export.py``, written elsewhere): log the
+    exported file as a ``model`` artifact of the W&B run trained in ``run_dir`` (the same run
+    id, in a session of job_type ``export``), with ``metadata`` (precision, the training
+    config, ...). Returns this session's W&B folder; None when W&B is off or failed."""
+    if config.mode == "disabled":
+        return None
+    run = WandbRun(config, Path(run_dir), {}, job_type="export")
+    run.log_model(Path(model_path), metadata)
+    directory = run.directory
+    run.finish(None)
+    return directory
