@@ -290,6 +290,10 @@ class Trainer:
         self.model.train()
         all_logits = gather_concat(torch.cat(logits).float()).cpu()
         all_labels = gather_concat(torch.cat(labels).float()).cpu()
+        # Rows that only pad a rank's last batches (a negative label, see
+        # modules/data_sources/parquet.py) are no eval rows: every real row counts once.
+        real = all_labels >= 0
+        all_logits, all_labels = all_logits[real], all_labels[real]
         result = EvalResult(
             step=step,
             auc=auc(all_logits, all_labels),
