@@ -58,6 +58,8 @@ def _is_string(type_: pa.DataType) -> bool:
 
 def _check_id_type(where: str, type_: pa.DataType) -> None:
     type_ = _value_type(type_)
+    if pa.types.is_null(type_):  # every value missing (Arrow's type for an all-null column)
+        return
     if pa.types.is_uint64(type_):
         raise ValueError(
             f"{where} is uint64: IDs of 2^63 and above do not fit int64 raw IDs; write it as "
@@ -82,7 +84,7 @@ def check_schema(
         if _is_list(type_):
             raise ValueError(f"{where} is a list ({type_}) where one number per row is expected")
         if not (pa.types.is_integer(type_) or pa.types.is_floating(type_)
-                or pa.types.is_boolean(type_)):
+                or pa.types.is_boolean(type_) or pa.types.is_null(type_)):
             raise ValueError(
                 f"{where} is {type_}: {role} values must be numbers"
                 + (" (a categorical column? list it in data.categorical_columns)"
@@ -123,6 +125,8 @@ def _ids(column, where: str, name: str, row_of) -> np.ndarray:
     a negative integer ID is a BadRowError (``row_of(i)``: the row of item i)."""
     if _is_string(_value_type(column.type)):
         return string_ids(column)
+    if pa.types.is_null(column.type):
+        return np.full(len(column), MISSING_ID, np.int64)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     ids = column.fill_null(MISSING_ID).to_numpy(zero_copy_only=False).astype(np.int64)
