@@ -26,6 +26,8 @@ EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")  # managed: which IDs keep th
 COMBINES = {"multi_hash": ("sum", "concat"), "qr": ("mult", "sum", "concat")}
 DEFAULT_COMBINE = {"multi_hash": "sum", "qr": "mult"}
 ALL_COMBINES = ("sum", "concat", "mult")
+# Methods whose tables may have more rows than the ID space (fewer collisions).
+ROWS_ABOVE_ID_SPACE = ("hash", "multi_hash")
 
 
 def check_hashing_option(where: str, option: str, value: Any) -> None:
@@ -130,7 +132,10 @@ class FeatureSpec:
         for option in ("method", "num_hashes", "importance_rows", "q", "eviction_policy",
                        "eviction_interval"):
             check_hashing_option(f"{where}.{option}", option, getattr(spec, option))
-        if spec.method != "qr" and self.num_embeddings > self.id_space:
+        # Hashed IDs land on random rows: more rows than IDs means fewer collisions, so
+        # hash and multi_hash may have them (the hashing report says so); methods that
+        # place IDs by value never use the extra rows.
+        if spec.method not in ("qr", *ROWS_ABOVE_ID_SPACE) and self.num_embeddings > self.id_space:
             raise ValueError(
                 f"feature {self.name}: num_embeddings={self.num_embeddings} buckets is above "
                 f"the declared id_space={self.id_space} (a table never needs more rows than IDs)"

@@ -138,7 +138,7 @@ class ClickModel(nn.Module):
         groups: feature groups, in canonical order.
         embedding_groups: group name -> its EmbeddingGroup (tables unsharded, or on ``meta``
             for DMP); ``embedding_group`` builds one.
-        num_dense_features: N.
+        num_dense_features: N (0: no dense input, the bottom MLP sees a constant).
         dense_layer_sizes: bottom MLP; for ``dot`` its last size must equal every group's D.
         over_layer_sizes: top MLP, ending in 1.
         interaction: ``dot`` or ``dcn``.
@@ -178,7 +178,11 @@ class ClickModel(nn.Module):
         self.embedding_groups = nn.ModuleDict(
             {group.name: embedding_groups[group.name] for group in groups}
         )
-        self.dense_arch = DenseArch(num_dense_features, dense_layer_sizes, device=device)
+        # No dense features (many click logs have none): the bottom MLP gets a constant 1 per
+        # sample, so its output is a learned vector that the interaction still pairs with
+        # every embedding (dot) or crosses (dcn), and both archs keep one shape.
+        self.num_dense_features = num_dense_features
+        self.dense_arch = DenseArch(max(num_dense_features, 1), dense_layer_sizes, device=device)
         dense_dim = dense_layer_sizes[-1]
         num_features = sum(len(group.features) for group in groups)
         output_dims = {
@@ -211,7 +215,10 @@ class ClickModel(nn.Module):
             sparse.extend(self.embedding_groups[group_name](batch.sparse_features[group_name]))
         device_type, dtype = self.dense_autocast or ("cpu", torch.float32)
         with torch.autocast(device_type, dtype=dtype, enabled=self.dense_autocast is not None):
-            dense = self.dense_arch(batch.dense_features)
+            dense_input = batch.dense_features
+            if self.num_dense_features == 0:
+                dense_input = batch.labels.new_ones((batch.labels.shape[0], 1))
+            dense = self.dense_arch(dense_input)
             logits = self.over_arch(self.interaction(dense, sparse))
         return logits.float().squeeze(-1)
 

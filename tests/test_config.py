@@ -8,6 +8,7 @@ import torch
 from tests.helpers import CONF_DIR, TINY, compose_config, run_train
 from train.build import build_click_model, feature_groups
 from train.frequency_counts import save_frequency_file
+from train.run import validated
 
 GROUP_OPTIONS = sorted(
     (group.name, option.stem)
@@ -33,7 +34,15 @@ def test_option_composes_and_builds(group, option, tmp_path):
         overrides.append(f"hashing.frequency_file={path}")
     if (group, option) == ("data", "parquet"):  # the user's own logs: paths are required
         overrides += ["data.train_path=/logs/train", "data.eval_path=/logs/eval"]
+    if (group, option) == ("features", "from_data"):  # derived from Parquet columns at run time
+        overrides += ["data=parquet", "data.train_path=/logs/train", "data.eval_path=/logs/eval"]
+        config = compose_config(overrides)
+        assert validated(config) == (config, None)
+        return
     config = compose_config(overrides)
+    if (group, option) == ("data", "parquet"):  # features=from_data: derived at run time
+        assert config.features.name == "from_data"
+        config = compose_config([*overrides, "features=default"])
     groups = feature_groups(config.features, config.hashing)
     model = build_click_model(config, groups, torch.device("meta"))
     assert model.model.group_names == [g.name for g in groups]

@@ -1,6 +1,7 @@
 """Parquet reading (modules/data_sources/parquet.py): a training stream that starts at step s
 is the tail of one that starts at 0 and reads only the row groups it needs; with bad rows
-skipped, every rank evaluates the same number of full batches."""
+skipped, every rank runs the same number of eval batches and every surviving row is scored
+once."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from train.data import build_data_source
 from train.distributed import DistributedContext
 
 BATCH = 64
-# Criteo sample as Parquet: train 7,200 rows in row groups of 250 (29 groups: rank 0 of 2
-# has 15, 3,700 rows, so 70 steps of 64 go round its groups more than once); eval 409 rows
-# in groups of 100 (rank 0: groups 0, 2, 4 = 209 rows; rank 1: groups 1, 3 = 200 rows).
+# Criteo sample as Parquet: train 7,200 rows in row groups of 250 (29 groups; rows split over
+# ranks: rank 0 of 2 has rows 0-3599 in 15 pieces, so 70 steps of 64 go round them more than
+# once); eval 409 rows in groups of 100 (rank 0: rows 0-203, rank 1: rows 204-408).
 ROW_GROUPS = (250, 100)
 STEPS = 70
 # Bad train rows on both ranks' groups, scattered, plus the whole of row group 2 (rank 0's
 # second group: a group with no surviving row). Bad eval rows all in rank 0's group 0: it
-# keeps 179 rows (2 full batches of 64) where the metadata says 209 (3).
+# keeps 174 rows (3 batches of 64, the last partial), rank 1 205 (4): both run 4.
 BAD_ROWS = {
     "train": sorted({*range(3, 7200, 37), *range(500, 750)}),
     "eval": list(range(30)),
@@ -75,7 +76,7 @@ def source_for(overrides: list[str], kind: type[ParquetSource] = ParquetSource) 
         Path(data.train_path), Path(data.eval_path),
         feature_groups(config.features, config.hashing), config.trainer.batch_size,
         data.label_column, list(data.dense_columns), list(data.categorical_columns),
-        skip_bad_rows=data.on_bad_row == "skip",
+        skip_bad_rows=data.on_bad_row == "skip", dense_null=data.dense_null,
     )
 
 
@@ -132,8 +133,8 @@ def test_a_late_start_reads_only_the_row_groups_it_needs(data, kind, start):
     # What the two batches must hold, from a plain read of every one of this rank's groups:
     # rows [start * B, stop * B) of its surviving rows, going round them.
     plain = source_for(data[kind])
-    mine = plain.train_groups[rank::2]
-    parts = [plain._read(path, index) for path, index, _ in mine]
+    mine = plain.rank_pieces("train", rank, 2)
+    parts = [plain._read(*piece) for piece in mine]
     surviving = [len(part["label"]) for part in parts]
     stream = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     rows = np.arange(start * BATCH, stop * BATCH) % sum(surviving)
@@ -153,7 +154,7 @@ def test_a_late_start_reads_only_the_row_groups_it_needs(data, kind, start):
         # Surviving rows counted from the dense columns of the groups passed over, once each:
         # those before the start in the first pass, or one whole pass.
         passed = mine if start * BATCH >= sum(surviving) else mine[: first + 1]
-        assert sorted(dense) == sorted(index for _, index, _ in passed), dense
+        assert sorted(dense) == sorted(index for _, index, _, _ in passed), dense
     # The same skipped rows as a run from step 0 (past one pass, every group's are counted).
     reference = source_for(data[kind])
     list(reference.train_batches(rank, 2, 0, min(stop, STEPS)))
@@ -176,7 +177,7 @@ def test_train_data_with_no_surviving_row_fails_instead_of_looping(tmp_path):
 def test_every_rank_alone_finds_the_same_eval_count(data):
     """Without a count agreed over ranks, each rank counts every rank's surviving rows."""
     counts = [len(list(source_for(data["bad"]).eval_batches(rank, 2))) for rank in (0, 1)]
-    assert counts == [2, 2]
+    assert counts == [4, 4]
 
 
 def _evaluate_on_two_ranks(rank: int, world_size: int, overrides: list[str]) -> None:
@@ -184,15 +185,18 @@ def _evaluate_on_two_ranks(rank: int, world_size: int, overrides: list[str]) -> 
     groups = feature_groups(config.features, config.hashing)
     context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
     source, _ = build_data_source(config, groups, context)
-    sizes = [len(batch.labels) for batch in source.eval_batches(rank, world_size)]
+    batches = list(source.eval_batches(rank, world_size))
+    sizes = [len(batch.labels) for batch in batches]
     batch_counts = gather_stack(torch.tensor(len(sizes))).tolist()
-    # Rank 0 keeps 179 eval rows (2 full batches), rank 1 200 (3): both run 2, all full.
-    assert batch_counts == [2, 2], batch_counts
-    assert sizes == [BATCH, BATCH]
+    # Rank 0 keeps 174 eval rows (3 batches), rank 1 205 (4): both run 4, padded to B.
+    assert batch_counts == [4, 4], batch_counts
+    assert sizes == [BATCH] * 4
+    real = sum(int((batch.labels >= 0).sum()) for batch in batches)
+    assert real == (174 if rank == 0 else 205)
     assert source.skipped_rows == (30 if rank == 0 else 0)
 
 
-def test_with_bad_rows_on_one_rank_every_rank_runs_the_same_full_eval_batches(data):
+def test_with_bad_rows_on_one_rank_every_rank_runs_the_same_eval_batches(data):
     run_ranks(_evaluate_on_two_ranks, 2, data["bad"])
 
 
@@ -206,5 +210,6 @@ def test_two_rank_job_with_skipped_rows_evaluates_between_segments(data, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(tmp_path)
-    assert [e["num_samples"] for e in summary["evals"]] == [2 * 2 * BATCH] * 2
+    # Every surviving eval row once: 409 less the 30 bad ones.
+    assert [e["num_samples"] for e in summary["evals"]] == [409 - 30] * 2
     assert summary["skipped_rows"] > 30

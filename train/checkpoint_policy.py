@@ -14,6 +14,7 @@ timed-out sweep point is requeued by submitit instead of being recorded as faile
 from __future__ import annotations
 
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,6 +65,20 @@ class CheckpointPolicy(TrainingHook):
         self.signals_received: list[int] = []
         self.previous_handlers: dict[int, object] = {}
 
+    # A repeat of a stop signal within this many seconds of the first is the same request
+    # delivered twice (Slurm signals every process of a step, torchrun forwards it too).
+    REPEAT_GRACE_S = 5.0
+    _first_signal_at: tuple[float, int] | None = None
+    _steps_done = 0
+
+    def _stuck_since_first_signal(self, signum: int) -> bool:
+        """A stop signal again, more than REPEAT_GRACE_S after the first, with no step done
+        in between: the loop is not running, so the flag would never be read."""
+        if self._first_signal_at is None or signum not in self.signals_received:
+            return False
+        at, steps = self._first_signal_at
+        return steps == self._steps_done and time.monotonic() - at > self.REPEAT_GRACE_S
+
     def save(self, step: int) -> None:
         path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.config.keep)
         self.last_saved_step = step
@@ -76,6 +91,7 @@ class CheckpointPolicy(TrainingHook):
 
         No host-device sync unless a checkpoint is saved (a save reads every shard anyway):
         the stop vote is a host-side AnyRankVote (train/collectives.py), acted on one vote after it was cast."""
+        self._steps_done += 1
         every = self.config.every_steps
         if every and step % every == 0 and step < self.total_steps:
             self._save_checked(step)
@@ -115,6 +131,14 @@ class CheckpointPolicy(TrainingHook):
         def handler(signum: int, _frame) -> None:
             if signum == signal.SIGINT and signum in self.signals_received:
                 raise KeyboardInterrupt("a second Ctrl-C")
+            if self._stuck_since_first_signal(signum):
+                # The job has not finished a step since the first one: it cannot act on the
+                # flag (a stuck read, a hung collective). Stop now rather than swallow it.
+                raise KeyboardInterrupt(
+                    f"a second {signal.Signals(signum).name} and no step finished since the first"
+                )
+            if self.signal_received is None:
+                self._first_signal_at = (time.monotonic(), self._steps_done)
             self.signal_received = signum
             if signum not in self.signals_received:
                 self.signals_received.append(signum)

@@ -131,7 +131,8 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         _check_positive("features.embedding_dim", self.embedding_dim)
-        _check_positive("features.num_dense_features", self.num_dense_features)
+        if self.num_dense_features < 0:
+            raise ValueError(f"features.num_dense_features must be >= 0, got {self.num_dense_features}")
 
 
 def _check_hashing_values(where: str, values: "HashingConfig | FeatureHashingConfig") -> None:
@@ -182,7 +183,8 @@ class HashingConfig:
     eviction_policy: str = "distance_lfu"
     # managed: training steps between admissions of the IDs seen since the last one.
     eviction_interval: int = 10
-    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps).
+    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps);
+    # below 1 gives hash / multi_hash features more rows than IDs (fewer collisions).
     compression_ratio: Optional[float] = None
     # Salts every hash: another seed gives independent hash functions.
     seed: int = 0
@@ -193,9 +195,10 @@ class HashingConfig:
 
     def __post_init__(self) -> None:
         _check_hashing_values("hashing", self)
-        if self.compression_ratio is not None and self.compression_ratio < 1:
+        # Below 1: more rows than IDs, for hashed features (modules/features.py).
+        if self.compression_ratio is not None and self.compression_ratio <= 0:
             raise ValueError(
-                f"hashing.compression_ratio must be >= 1, got {self.compression_ratio}"
+                f"hashing.compression_ratio must be > 0, got {self.compression_ratio}"
             )
         known = {f.name for f in dataclasses.fields(FeatureHashingConfig)}
         for name, override in list(self.features.items()):
@@ -260,10 +263,27 @@ class DataConfig:
     cache_dir: str = "data_cache"
     # A malformed row: fail (name file and line) or skip (counted in the summary).
     on_bad_row: str = "fail"
-    # parquet: column names; categorical columns must be named like the features.
+    # parquet: column names. With features=from_data (data=parquet's default) each
+    # categorical column is a feature; empty lists = every column of the schema but the label
+    # (numbers dense, integer / string IDs and lists of them categorical). With a feature
+    # YAML the categorical columns must be named like its features.
     label_column: str = "label"
     dense_columns: List[str] = field(default_factory=list)
     categorical_columns: List[str] = field(default_factory=list)
+    # parquet, features=from_data: group name -> its categorical columns (one
+    # EmbeddingBagCollection each); columns not listed form a group named "categorical".
+    feature_groups: Dict[str, List[str]] = field(default_factory=dict)
+    # parquet: a null dense value fails (names file and row), becomes 0, or the column's mean.
+    dense_null: str = "fail"
+    # parquet: dense values as they are, log(1 + max(x, 0)), or standardised (x - mean) / std.
+    dense_transform: str = "none"
+    # parquet: training rows are shuffled within windows of this many rows (rounded up to a
+    # multiple of the batch size), by (seed, rank, window): resumes stay exact. 0 = file order.
+    shuffle_rows: int = 0
+    # parquet: rows read (in file order) to measure the statistics: distinct IDs (ID spaces of
+    # a derived feature set), dense means and standard deviations. Saved in the run directory
+    # (data_statistics.json) and reused on resume.
+    statistics_rows: int = 1_000_000
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, DATA_SOURCES)
@@ -271,6 +291,11 @@ class DataConfig:
         if self.prefetch_batches < 0:
             raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         _check_choice("data.on_bad_row", self.on_bad_row, ("fail", "skip"))
+        _check_choice("data.dense_null", self.dense_null, ("fail", "zero", "mean"))
+        _check_choice("data.dense_transform", self.dense_transform, ("none", "log", "standardize"))
+        if self.shuffle_rows < 0:
+            raise ValueError(f"data.shuffle_rows must be >= 0, got {self.shuffle_rows}")
+        _check_positive("data.statistics_rows", self.statistics_rows)
         if self.source != "synthetic" and not (self.train_path and self.eval_path):
             raise ValueError(f"data.source={self.source} needs data.train_path and data.eval_path")
 

@@ -78,9 +78,11 @@ def criteo_split_dir(path: Path, config: Config) -> Path:
 
 
 def build_data_source(
-    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext
+    config: Config, groups: list[FeatureGroupSpec], context: DistributedContext,
+    statistics: dict | None = None,
 ) -> tuple[DataSource, float | None]:
-    """The job's data source and, for planted data, the Bayes-optimal eval AUC."""
+    """The job's data source and, for planted data, the Bayes-optimal eval AUC.
+    ``statistics``: Parquet data's, measured once (train/parquet_features.py), or None."""
     data = config.data
     if data.source == "synthetic":
         planted = planted_data(config, groups)
@@ -99,24 +101,39 @@ def build_data_source(
             config.features.num_dense_features,
         )
     else:
+        if len(data.dense_columns) != config.features.num_dense_features:
+            raise ValueError(
+                f"data.dense_columns lists {len(data.dense_columns)} column(s) but the model "
+                f"takes features.num_dense_features={config.features.num_dense_features} "
+                f"(features={config.features.name})"
+            )
         parquet = ParquetSource(
             train_path, eval_path, groups, config.trainer.batch_size,
             data.label_column, list(data.dense_columns), list(data.categorical_columns),
             skip_bad_rows=data.on_bad_row == "skip",
+            dense_null=data.dense_null,
+            dense_transform=data.dense_transform,
+            statistics=statistics,
+            shuffle_rows=data.shuffle_rows,
+            seed=config.trainer.seed,
         )
+        # Before training: the first row group of every file, read and checked (labels,
+        # IDs, dense values) by rank 0; a bad one stops every rank naming file and row.
+        on_rank_zero(parquet.check_first_row_groups)
         parquet.num_eval_batches = agreed_eval_batches(parquet, context)
         source = parquet
     return source, None
 
 
 def agreed_eval_batches(source: ParquetSource, context: DistributedContext) -> int:
-    """The eval batches every rank runs: the smallest count of full batches over ranks, after
-    bad rows are dropped (a collective: every rank must call it).
+    """The eval batches every rank runs: the largest count over ranks of the batches a rank
+    needs to score each of its eval rows once (a collective: every rank must call it).
 
     Each eval batch is a collective (sharded lookups), so all ranks must run the same count;
-    with data.on_bad_row=skip the Parquet metadata's row counts overstate what survives, and
-    not by the same amount on every rank. Each rank counts only its own row groups (their
-    dense columns, read once) and the ranks agree on the smallest.
+    a rank with fewer rows pads its last batches with rows the metrics leave out. With
+    data.on_bad_row=skip the Parquet metadata's row counts overstate what survives, and not
+    by the same amount on every rank: each rank counts its own rows (their dense columns,
+    read once) and the ranks agree on the largest.
     """
     error = None
     try:
@@ -126,11 +143,10 @@ def agreed_eval_batches(source: ParquetSource, context: DistributedContext) -> i
     error = first_error(error)
     if error is not None:
         raise ValueError(error)
-    count = reduce_over_ranks(local, context.device, "min")
+    count = reduce_over_ranks(local, context.device, "max")
     if count == 0:
         raise ValueError(
-            f"{source.eval_groups[0][0].parent}: too few eval rows for {context.world_size} "
-            f"rank(s) of batch {source.batch_size}"
+            f"{source.eval_groups[0][0].parent}: no eval rows"
             + (" after dropping bad rows" if source.skip_bad_rows else "")
         )
     return count

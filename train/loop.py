@@ -317,7 +317,10 @@ class Trainer:
         self.model.train()
         all_logits = gather_concat(torch.cat(logits).float()).cpu()
         all_labels = gather_concat(torch.cat(labels).float()).cpu()
-        scores = click_metrics(all_logits, all_labels)
+        # Rows that only pad a rank's last batches (a negative label, see
+        # modules/data_sources/parquet.py) are no eval rows: every real row counts once.
+        real = all_labels >= 0
+        scores = click_metrics(all_logits[real], all_labels[real])
         result = EvalResult(
             step=step,
             auc=scores.auc,

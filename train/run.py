@@ -16,7 +16,14 @@ from modules.data_sources import DataSource
 from modules.id_mapping import IdOutOfRangeError
 from modules.prefetch import pin_batches_for, prefetched
 from modules.tabular import BadRowError
-from train.build import ShardedJob, build_sharded_job, dense_autocast, feature_groups
+from train.build import (
+    ShardedJob,
+    build_sharded_job,
+    dense_autocast,
+    feature_groups,
+    meta_model_with_fused_optimizer,
+    plan_for,
+)
 from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
 from train.checkpoint_policy import CheckpointPolicy
 from train.collectives import on_rank_zero, reduce_over_ranks
@@ -42,6 +49,15 @@ from train.loop import (
 )
 from train.metrics_logger import MetricsLogger, start_run_logging
 from train.optimizers import WarmupDecaySchedule
+from train.parquet_features import (
+    data_statistics,
+    derived_features,
+    derives_features,
+    describe,
+    fill_columns_from_schema,
+    needs_statistics,
+    save_statistics,
+)
 from train.planning import format_memory, plan_for_topology
 from train.rank_failures import watch_rank_failures
 from train.run_dir import save_job_config, start_checkpoints
@@ -113,13 +129,36 @@ def resume_if_asked(config: Config, job, run_dir: Path, say) -> int:
     return info.step
 
 
-def validated(cfg: DictConfig | Config) -> tuple[Config, list]:
-    """The typed config and its feature groups, or ConfigError with one clear line."""
+def validated(cfg: DictConfig | Config) -> tuple[Config, list | None]:
+    """The typed config and its feature groups (None: derived from the data once the ranks
+    are up, see train/parquet_features.py), or ConfigError with one clear line."""
     try:
         config = to_config(cfg)
+        if derives_features(config):
+            return config, None
         return config, feature_groups(config.features, config.hashing)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def data_statistics_and_features(
+    config: Config, groups: list | None, run_dir: Path, say
+) -> tuple[list, dict | None]:
+    """Parquet data's statistics (measured once on rank 0, reused on resume) where the job
+    needs them, and the feature groups, derived from the columns when no feature YAML was
+    given (config.features is replaced by the derived set). A collective."""
+    if not needs_statistics(config):
+        return groups, None  # type: ignore[return-value]
+    try:
+        fill_columns_from_schema(config)
+        statistics = data_statistics(config, run_dir)
+        if groups is None:
+            config.features = derived_features(config, statistics)
+            say(describe(statistics, config.features))
+            groups = feature_groups(config.features, config.hashing)
+    except (ValueError, OSError) as error:  # bad schema, bad rows, no rows, missing paths
+        raise ConfigError(str(error)) from None
+    return groups, statistics
 
 
 def run(
@@ -203,6 +242,7 @@ def _run(
 ) -> dict:
     """The phases of a job, top-down: build, data, logging, resume, train, summary, report."""
     say = _printer(context)
+    groups, statistics = data_statistics_and_features(config, groups, run_dir, say)
     if config.plan_topology.world_size is not None:
         return _plan_target(config, groups, context, run_dir, say)
     say(
@@ -215,13 +255,21 @@ def _run(
     except RunDirInUse as error:
         raise ConfigError(str(error)) from None
     on_rank_zero(save_job_config, run_dir, job_files)
+    if statistics is not None:
+        on_rank_zero(save_statistics, run_dir, statistics)
+    if config.plan_only:
+        # Planned on the meta device: no table is materialised (a plan of tables larger than
+        # this machine's memory still prints, or says what does not fit).
+        placed = _plan_here(config, groups, context, say)
+        summary = {
+            "world_size": context.world_size,
+            "embedding_bytes_per_rank": embedding_bytes_per_rank(placed, context.world_size),
+        }
+        _log_plan(config, context, run_dir, placed, summary)
+        return summary
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
-    if config.plan_only:
-        summary = {"world_size": context.world_size, "embedding_bytes_per_rank": per_rank}
-        _log_plan(config, context, run_dir, job.placed, summary)
-        return summary
-    data = _data(config, groups, context, say)
+    data = _data(config, groups, context, say, statistics)
     metrics = _start_logging(config, context, run_dir, job, say)
     start_step = resume_if_asked(config, job, run_dir, say)
     # The hooks the loop calls on every rank: checkpoints and pre-emption after every step;
@@ -278,10 +326,24 @@ def _build(config: Config, groups, context: DistributedContext, say) -> ShardedJ
     return job
 
 
-def _data(config: Config, groups, context: DistributedContext, say) -> JobData:
+def _plan_here(config: Config, groups, context: DistributedContext, say) -> list:
+    """plan_only on the launched ranks: the plan of the model on ``meta``, printed."""
+    try:
+        unsharded = meta_model_with_fused_optimizer(config, groups, context.world_size)
+        _, placed, _, caps = plan_for(config, groups, unsharded, context)
+    except ValueError as error:  # PlanDoesNotFit included
+        raise ConfigError(str(error)) from error
+    say("sharding plan\n" + format_plan(placed, context.world_size))
+    say(caps.describe())
+    return placed
+
+
+def _data(
+    config: Config, groups, context: DistributedContext, say, statistics: dict | None = None
+) -> JobData:
     """The data source and this rank's train (prefetched) and eval batch streams."""
     try:
-        source, eval_bayes_auc = build_data_source(config, groups, context)
+        source, eval_bayes_auc = build_data_source(config, groups, context, statistics)
     except (ValueError, OSError) as error:  # missing paths, malformed rows, wrong columns
         raise ConfigError(str(error)) from error
     rank, world_size = context.rank, context.world_size

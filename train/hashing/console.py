@@ -30,4 +30,7 @@ def format_hashing(report: dict[str, dict[str, Any]]) -> str:
     hashed = sum(entry["bytes_hashed"] for entry in report.values())
     full = sum(entry["bytes_full"] for entry in report.values())
     lines.append(f"total: {format_bytes(hashed)} hashed vs {format_bytes(full)} full tables ({full / max(1, hashed):,.0f}x smaller)")
+    above = [name for name, entry in report.items() if entry["rows"] > entry["id_space"]]
+    if above:  # allowed for hashed methods: fewer collisions, more bytes than a full table
+        lines.append(f"rows above the ID space (fewer collisions, more bytes): {', '.join(above)}")
     return "\n".join(lines)
