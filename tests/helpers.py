@@ -109,9 +109,22 @@ def run_train(args: list[str], cwd: Path, timeout: int = 600, launcher: list[str
     )
 
 
-def train_sharded(config: Config, groups: list, rank: int, world_size: int, steps: int):
+def train_sharded(
+    config: Config,
+    groups: list,
+    rank: int,
+    world_size: int,
+    steps: int,
+    prepare: Callable[[Any], None] | None = None,
+):
     """Build the sharded job on this rank and train ``steps`` planted batches through
-    TorchRec's pipeline; returns (job, pipeline, global mean loss per step). A collective."""
+    TorchRec's pipeline; returns (job, pipeline, outputs). ``prepare(job)`` runs between the
+    build and the first step.
+
+    ``outputs`` holds this rank's own per-step results, never reduced over ranks:
+    ``losses`` (the mean over this rank's batch) and ``logits`` ([B] per step). Compare them
+    rank by rank with ``train_unsharded``'s slices: an all-reduced loss agrees across ranks by
+    construction and can hide one rank's wrong work."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from train.build import build_sharded_job
@@ -120,50 +133,196 @@ def train_sharded(config: Config, groups: list, rank: int, world_size: int, step
 
     context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
     job = build_sharded_job(config, groups, context)
+    if prepare is not None:
+        prepare(job)
     data = planted_data(config, groups)
     pipeline = TrainPipelineSparseDist(
         job.model, job.optimizer, torch.device("cpu"), pipeline_postproc=True
     )
     batches = iter([data.batch("train", rank, step)[0] for step in range(steps)])
-    losses = []
+    outputs: dict[str, list] = {"losses": [], "logits": []}
     for _ in range(steps):
-        loss, _, _ = pipeline.progress(batches)
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss)
-        losses.append(float(global_loss) / world_size)
-    return job, pipeline, losses
+        loss, logits, _ = pipeline.progress(batches)
+        outputs["losses"].append(float(loss))
+        outputs["logits"].append(logits.detach().clone())
+    return job, pipeline, outputs
 
 
-def train_unsharded(config: Config, groups: list, world_size: int, steps: int) -> dict:
+def gather_outputs(outputs: dict) -> dict:
+    """Every rank's ``train_sharded`` outputs (a collective): ``losses`` [ranks, steps] and
+    ``logits`` [ranks, steps, B]."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, outputs)
+    return {
+        "losses": torch.tensor([o["losses"] for o in gathered], dtype=torch.float64),
+        "logits": torch.stack([torch.stack(o["logits"]) for o in gathered]),
+    }
+
+
+def column_blocks(model: torch.nn.Module) -> dict[str, list[tuple[int, int]]]:
+    """Table -> its column ranges [start, stop) over all ranks, for tables split into more
+    than one column block (column-wise and table-column-wise shards). A collective."""
+    from train.tables import local_table_blocks
+
+    local = {
+        (b.table_name, b.column_offset, b.column_offset + b.tensor.shape[1])
+        for b in local_table_blocks(model)
+        if not b.replicated
+    }
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    blocks: dict[str, set] = {}
+    for name, start, stop in set().union(*gathered):
+        blocks.setdefault(name, set()).add((start, stop))
+    return {name: sorted(ranges) for name, ranges in blocks.items() if len(ranges) > 1}
+
+
+class ColumnBlockRowWiseAdagrad(torch.optim.Optimizer):
+    """Row-wise Adagrad with one accumulator per row *of each column block*, which is what
+    fbgemm's fused row-wise Adagrad computes for a table split column-wise: each shard keeps
+    its own state, the mean of squared gradients over its own columns only.
+
+        state[r, k] += mean(g[r, block_k] ** 2)
+        w[r, block_k] -= lr * g[r, block_k] / (sqrt(state[r, k]) + eps)
+
+    With a single block it is TorchRec's RowWiseAdagrad (torchrec/optim/rowwise_adagrad.py).
+    ``blocks``: per parameter (in order), its column ranges [start, stop)."""
+
+    def __init__(self, params: list, blocks: list[list[tuple[int, int]]], lr: float, eps: float):
+        super().__init__(params, {"lr": lr, "eps": eps})
+        self.blocks = dict(zip(params, blocks))
+        for param, ranges in self.blocks.items():
+            self.state[param]["sum"] = torch.zeros(param.shape[0], len(ranges))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state_sum = self.state[param]["sum"]
+                for k, (start, stop) in enumerate(self.blocks[param]):
+                    grad = param.grad[:, start:stop]
+                    state_sum[:, k] += grad.pow(2).mean(dim=1)
+                    std = state_sum[:, k : k + 1].sqrt().add_(group["eps"])
+                    param[:, start:stop].addcdiv_(grad, std, value=-group["lr"])
+
+
+def reference_optimizers(
+    config: Config, model: torch.nn.Module, blocks: dict[str, list[tuple[int, int]]]
+) -> tuple[list[torch.optim.Optimizer], dict[str, torch.Tensor]]:
+    """The single-process optimizers for ``config.optim`` (sgd or row-wise Adagrad on the
+    tables; sgd or Adagrad on the dense part), written from the config's values rather than
+    through train/optimizers.py. Returns (optimizers, table name -> its row-wise state, [rows,
+    k], for the tables that have one)."""
+    from torchrec.optim import RowWiseAdagrad
+
+    from train.build import embedding_parameters
+    from train.tables import table_name_of
+
+    optim = config.optim
+    tables = {
+        table_name_of(name): param
+        for group in model.model.embedding_groups.values()
+        for collection in group.collections()
+        for name, param in collection.named_parameters()
+    }
+    embedding_ids = {id(p) for p in embedding_parameters(model)}
+    assert embedding_ids == {id(p) for p in tables.values()}
+    dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
+    if optim.dense == "sgd":
+        dense = torch.optim.SGD(dense_params, lr=optim.dense_lr)
+    elif optim.dense == "adagrad":
+        dense = torch.optim.Adagrad(dense_params, lr=optim.dense_lr, eps=optim.eps)
+    else:
+        raise NotImplementedError(f"no reference for dense optimizer {optim.dense}")
+    states: dict[str, torch.Tensor] = {}
+    if optim.embedding == "sgd":
+        embedding = [torch.optim.SGD(list(tables.values()), lr=optim.embedding_lr)]
+    elif optim.embedding == "rowwise_adagrad":
+        whole = [p for name, p in tables.items() if name not in blocks]
+        split = [name for name in tables if name in blocks]
+        embedding = []
+        if whole:
+            embedding.append(RowWiseAdagrad(whole, lr=optim.embedding_lr, eps=optim.eps))
+        if split:
+            embedding.append(
+                ColumnBlockRowWiseAdagrad(
+                    [tables[n] for n in split], [blocks[n] for n in split],
+                    lr=optim.embedding_lr, eps=optim.eps,
+                )
+            )
+        for optimizer in embedding:
+            for name, param in tables.items():
+                if param in optimizer.state:
+                    states[name] = optimizer.state[param]["sum"]
+    else:
+        raise NotImplementedError(f"no reference for embedding optimizer {optim.embedding}")
+    return [dense, *embedding], states
+
+
+def train_unsharded(
+    config: Config,
+    groups: list,
+    world_size: int,
+    steps: int,
+    blocks: dict[str, list[tuple[int, int]]] | None = None,
+    managed_init_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
     """The single-process reference: the unsharded model fed the global batch (every rank's
-    batch of a step, concatenated) with plain SGD at the config's embedding and dense lrs.
-    Returns {"losses", "tables"} (the sharded run must match both)."""
-    from train.build import build_click_model, embedding_parameters, init_tables
+    batch of a step, concatenated), trained with ``reference_optimizers`` at the config's
+    learning rates.
+
+    ``blocks``: tables whose row-wise Adagrad state is kept per column block (as the sharded
+    run's column-wise shards keep it; see ``column_blocks``). Managed tables run as
+    ``world_size`` independent maps split by ID range (tests/managed_reference.py), their
+    admitted rows reset with ``managed_init_fn``.
+
+    Returns {"losses": global mean per step, "rank_losses": [ranks, steps] (each rank's slice
+    of the global batch), "logits": [ranks, steps, B], "tables" and "initial_tables" (after
+    and before training), "states" (row-wise Adagrad state per table, when the optimizer has
+    one), "model"}."""
+    from tests.managed_reference import use_range_split_maps
+    from train.build import build_click_model, init_tables
     from train.data import planted_data
     from train.tables import local_table_blocks
 
-    model = build_click_model(config, groups, torch.device("cpu"))
+    model = build_click_model(config, groups, torch.device("cpu"), world_size)
     init_tables(model, groups, config.trainer.seed)
-    embedding_params = embedding_parameters(model)
-    embedding_ids = {id(p) for p in embedding_params}
-    dense_params = [p for p in model.parameters() if id(p) not in embedding_ids]
-    optimizer = torch.optim.SGD(
-        [
-            {"params": embedding_params, "lr": config.optim.embedding_lr},
-            {"params": dense_params, "lr": config.optim.dense_lr},
-        ]
-    )
+    optimizers, states = reference_optimizers(config, model, blocks or {})
+
+    def reset_state(table: str, rows: torch.Tensor) -> None:
+        if table in states:
+            states[table][rows] = 0
+
+    use_range_split_maps(model, world_size, managed_init_fn, reset_state)
+    initial_tables = {b.table_name: b.tensor.detach().clone() for b in local_table_blocks(model)}
     data = planted_data(config, groups)
-    losses = []
+    losses, rank_losses, logits = [], [], []
     for step in range(steps):
         batch = concat_batches([data.batch("train", rank, step)[0] for rank in range(world_size)])
-        optimizer.zero_grad()
-        loss, _ = model(batch)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss, (_, step_logits, labels) = model(batch)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         losses.append(float(loss.detach()))
+        per_sample = torch.nn.functional.binary_cross_entropy_with_logits(
+            step_logits, labels, reduction="none"
+        )
+        rank_losses.append(per_sample.view(world_size, -1).mean(dim=1).double())
+        logits.append(step_logits.view(world_size, -1))
     tables = {b.table_name: b.tensor.detach().clone() for b in local_table_blocks(model)}
-    return {"losses": losses, "tables": tables}
+    return {
+        "losses": losses,
+        "rank_losses": torch.stack(rank_losses, dim=1),
+        "logits": torch.stack(logits, dim=1),
+        "tables": tables,
+        "initial_tables": initial_tables,
+        "states": {name: state.clone() for name, state in states.items()},
+        "model": model,
+    }
 
 
 def full_tables(model: torch.nn.Module, sizes: dict[str, tuple[int, int]], rank: int) -> dict:

@@ -1,8 +1,8 @@
 """Every hashing method, sharded row-wise and table-wise on 2 gloo ranks, equals one process.
 
 One spawn of 2 ranks runs two models (each mixes several methods, so every method and
-combiner is covered) under both shardings; forward (losses) and backward (every table row
-after 4 SGD steps) must match a single process fed the global batch. The same run checks
+combiner is covered) under both shardings; forward (each rank's own losses and logits) and
+backward (every table row after 4 SGD steps) must match a single process fed the global batch. The same run checks
 that hashing keeps TrainPipelineSparseDist's overlap: every collection is pipelined and every
 id mapper runs as a pipelined postproc.
 """
@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 
 from modules.embeddings import group_tables
-from tests.helpers import TINY, compose_config, full_tables, run_ranks, train_sharded, train_unsharded
+from tests.helpers import (
+    TINY,
+    compose_config,
+    full_tables,
+    gather_outputs,
+    run_ranks,
+    train_sharded,
+    train_unsharded,
+)
 from train.build import feature_groups
 from train.data import planted_data
 from train.frequency_counts import count_frequent_ids, save_frequency_file
@@ -61,9 +69,9 @@ def sharded_worker(rank: int, world_size: int, frequency_file: str, out_path: st
         for sharding in SHARDINGS:
             config = compose_config([*overrides(model, frequency_file), f"sharding={sharding}"])
             groups = feature_groups(config.features, config.hashing)
-            job, pipeline, losses = train_sharded(config, groups, rank, world_size, STEPS)
+            job, pipeline, outputs = train_sharded(config, groups, rank, world_size, STEPS)
             results[(model, sharding)] = {
-                "losses": losses,
+                "outputs": gather_outputs(outputs),
                 "tables": full_tables(job.model, table_sizes(groups), rank),
                 "types": sorted({t.sharding_type for t in job.placed}),
                 # Private, but the only way to see what the pipeline decided to overlap.
@@ -98,10 +106,13 @@ def test_every_hashing_method_sharded_matches_single_process(tmp_path):
             result = sharded[(model, sharding)]
             assert result["types"] == [sharding]
             assert result["pipelined"] == result["groups"] == result["postprocs"]
-            torch.testing.assert_close(
-                torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                atol=1e-5, rtol=1e-5, msg=f"{model} {sharding}: losses differ",
-            )
+            # Each rank's own losses and logits (not all-reduced) against its slice.
+            for key, reference_key in (("losses", "rank_losses"), ("logits", "logits")):
+                actual = result["outputs"][key]
+                torch.testing.assert_close(
+                    actual, reference[reference_key].to(actual.dtype),
+                    atol=1e-5, rtol=1e-5, msg=f"{model} {sharding}: per-rank {key} differ",
+                )
             assert set(result["tables"]) == set(reference["tables"])
             for name, table in reference["tables"].items():
                 torch.testing.assert_close(
