@@ -399,9 +399,26 @@ class TrainerConfig:
     # the job fails (NCCL's own default is 10 minutes); generous, as rank 0 alone may
     # preprocess data or write files while the others wait at the next collective.
     dist_timeout_s: float = 1800.0
+    # Record a torch.profiler trace of a few steps on every rank into <run dir>/profile/
+    # (train/profiling.py); off: no profiler at all.
+    profile: bool = False
+    # The steps profiled: [first global step, number of steps]; by default the 3 steps after
+    # the 10 that throughput leaves out as warm-up.
+    profile_steps: List[int] = field(default_factory=lambda: [10, 3])
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
+        if len(self.profile_steps) != 2 or self.profile_steps[0] < 0 or self.profile_steps[1] < 1:
+            raise ValueError(
+                f"trainer.profile_steps must be [first step >= 0, number of steps >= 1], got "
+                f"{list(self.profile_steps)}"
+            )
+        if self.profile and sum(self.profile_steps) > self.steps:
+            raise ValueError(
+                f"trainer.profile_steps={list(self.profile_steps)} ends after trainer.steps="
+                f"{self.steps}: profile steps {self.profile_steps[0]}.."
+                f"{sum(self.profile_steps) - 1} of a run that has {self.steps}"
+            )
         _check_positive("trainer.dist_timeout_s", self.dist_timeout_s)
         _check_positive("trainer.batch_size", self.batch_size)
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
