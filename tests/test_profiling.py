@@ -44,7 +44,8 @@ def test_two_ranks_write_a_trace_each_and_rank_0_logs_them_to_wandb(tmp_path):
         assert len(steps) == 2  # profile_steps=[2,2]: two steps, not the run's six
     assert "profile: steps 2..3" in result.stdout
     [run_file] = find_run_files(run_dir)
-    artifacts = [r.artifact for r in read_records(run_file) if r.HasField("artifact")]
+    artifacts = [r.artifact for r in read_records(run_file)
+                 if r.WhichOneof("record_type") == "artifact"]
     profiles = [a for a in artifacts if a.type == "profile"]
     assert len(profiles) == 1
     assert sorted(entry.path for entry in profiles[0].manifest.contents) == [
