@@ -220,6 +220,7 @@ class SweepResults(Callback):
 
         if getattr(job_return, "status", None) == JobStatus.FAILED:
             number = config.hydra.job.num
+            # The public return_value re-raises a failed job's exception; this is its value.
             error = job_return._return_value
             self.errors[number] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
