@@ -67,7 +67,8 @@ class StepProfiler(TrainingHook):
         profiler, self.profiler = self.profiler, None
         if profiler is None:
             return
-        # On CUDA, stop() waits for the device's queued work: the one sync of the window.
+        # On CUDA, stopping collects the GPU's activity records and may wait for queued work:
+        # a host sync, once per run, after the profiled steps.
         profiler.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(self.path))
