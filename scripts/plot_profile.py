@@ -154,7 +154,8 @@ def main() -> None:
     args.png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.png)
 
-    print("| kind of work | " + " | ".join(f"rank {r} ms/step" for r in range(len(per_rank))) + " |")
+    ranks = range(len(per_rank))
+    print("| kind of work | " + " | ".join(f"rank {r} ms/step" for r in ranks) + " |")
     print("| --- |" + " ---: |" * len(per_rank))
     for kind in kinds:
         print(f"| {kind} | " + " | ".join(f"{t.get(kind, 0.0):.1f}" for t in per_rank) + " |")

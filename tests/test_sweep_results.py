@@ -26,7 +26,8 @@ def read_table(path: Path) -> list[dict[str, str]]:
 
 
 def load_plot_tradeoff():
-    spec = importlib.util.spec_from_file_location("plot_tradeoff", REPO / "scripts" / "plot_tradeoff.py")
+    path = REPO / "scripts" / "plot_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("plot_tradeoff", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -509,7 +509,8 @@ def check_criteo_features(data: DataConfig, features: FeaturesConfig) -> None:
     if not missing and features.num_dense_features == CRITEO_NUM_DENSE:
         return
     if missing:
-        fix = f"features={data.feature_set}" if data.feature_set else "a features= set named C1..C26"
+        fix = (f"features={data.feature_set}" if data.feature_set
+               else "a features= set named C1..C26")
         raise ValueError(
             f"data={data.name} is Criteo data, but features={features.name} names features "
             f"{missing[:3]}{' ...' if len(missing) > 3 else ''} that are not among its "

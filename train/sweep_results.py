@@ -222,7 +222,8 @@ class SweepResults(Callback):
             number = config.hydra.job.num
             # The public return_value re-raises a failed job's exception; this is its value.
             error = job_return._return_value
-            self.errors[number] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            self.errors[number] = f"{type(error).__name__}: {first_line}"
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.write()
