@@ -102,6 +102,9 @@ def test_table_goes_to_an_offline_wandb_run_of_job_type_sweep(tmp_path, monkeypa
     pickle.dumps(callback)  # the submitit launcher pickles callbacks into each point's job
     callback.sweep_dir, callback.points = sweep_dir, points
     callback.write()
+    import wandb
+
+    wandb.teardown()  # W&B's service writes the run file; python -m train tears it down on exit
     rows = read_table(sweep_dir / "results.csv")
     assert [(row["optim"], row["status"], row["eval_auc"]) for row in rows] == [
         ("sgd", "completed", "0.61"), ("adam", "not_run", "")]
