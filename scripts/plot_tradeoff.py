@@ -2,48 +2,62 @@
 
     python scripts/plot_tradeoff.py multirun/tradeoff --png docs/tradeoff.png --markdown docs/tradeoff.md
 
-Reads every ``<sweep dir>/*/summary.json`` with its ``.hydra/config.yaml`` (method and
-compression ratio), draws the Bayes-optimal AUC of the planted data as a line, and writes the
-picture and a Markdown table of the same numbers.
+Reads the sweep's results table (``<sweep dir>/results.csv``, written when the sweep ends by
+train/sweep_results.py; a CSV path works too): each completed point's method (its ``hashing``
+override, else the default ``hash``), compression ratio (``hashing.compression_ratio``),
+bytes, eval AUC and Bayes AUC. Draws the Bayes-optimal AUC of the planted data as a line, and
+writes the picture and a Markdown table of the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 from collections import defaultdict
 from pathlib import Path
-
-import yaml
 
 LABELS = {"default": "hash", "modulo": "modulo", "multi_hash": "multi_hash (k=2)",
           "qr": "qr (mult)", "frequency": "frequency",
           "managed": "managed (MCH)"}
+RESULTS_FILE = "results.csv"  # train.sweep_results.RESULTS_FILE (this script needs no torch)
 
 
-def load_points(sweep_dir: Path) -> list[dict]:
+def _number(text: str) -> float | None:
+    return float(text) if text not in ("", None) else None
+
+
+def load_points(sweep: Path) -> list[dict]:
+    """The completed points of a results table (a file, or a sweep dir holding results.csv)."""
+    path = sweep / RESULTS_FILE if sweep.is_dir() else sweep
+    if not path.exists():
+        raise SystemExit(f"no {path}: run the sweep to its end (python -m train -m ...) first")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and "hashing.compression_ratio" not in rows[0]:
+        raise SystemExit(f"{path}: the sweep did not set hashing.compression_ratio")
     points = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        config = yaml.safe_load((summary_path.parent / ".hydra" / "config.yaml").read_text())
-        hashing = config["hashing"]
+    for row in rows:
+        if row["status"] != "completed":
+            print(f"skipping point {row['job_num']} ({row['status']}): {row['overrides']}")
+            continue
+        hashed = _number(row.get("embedding_bytes_hashed", ""))
         points.append({
-            "method": hashing["name"],
-            "ratio": hashing["compression_ratio"],
+            "method": row.get("hashing") or "default",
+            "ratio": float(row["hashing.compression_ratio"]),
             # The hashing report's bytes: parameters + optimizer state, plus a managed
             # table's map (32 B per row), which the plan's table bytes leave out.
-            "embedding_bytes": sum(e["bytes_hashed"] for e in summary["hashing"].values())
-            if summary.get("hashing") else summary["embedding_bytes"],
-            "eval_auc": summary["eval_auc"],
-            "bayes_auc": summary["eval_bayes_auc"],
-            "samples_per_sec": summary["samples_per_sec"],
+            "embedding_bytes": hashed if hashed is not None else float(row["embedding_bytes"]),
+            "eval_auc": float(row["eval_auc"]),
+            "bayes_auc": float(row["eval_bayes_auc"]),
+            "samples_per_sec": _number(row.get("samples_per_sec", "")),
             "collisions": {
-                name: entry["measured_collision_rate"]
-                for name, entry in (summary.get("hashing") or {}).items()
+                key.split("/", 1)[1]: float(value)
+                for key, value in row.items()
+                if key.startswith("collision_rate/") and value != ""
             },
         })
     if not points:
-        raise SystemExit(f"no */summary.json under {sweep_dir}")
+        raise SystemExit(f"no completed point in {path}")
     return points
 
 
@@ -92,11 +106,11 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("sweep", type=Path, help="the sweep directory or its results.csv")
     parser.add_argument("--png", type=Path, default=Path("docs/tradeoff.png"))
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
-    points = load_points(args.sweep_dir)
+    points = load_points(args.sweep)
     plot(points, args.png)
     table = markdown(points)
     if args.markdown:

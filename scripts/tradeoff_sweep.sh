@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The hashing trade-off: methods x compression ratios on planted data, then the plot.
 #   scripts/tradeoff_sweep.sh [extra Hydra overrides]
-# Writes multirun/tradeoff/<n>/summary.json, docs/tradeoff.png and docs/tradeoff.md.
+# Writes multirun/tradeoff/<n>/summary.json and, when the sweep ends, multirun/tradeoff/results.csv
+# (one row per point, train/sweep_results.py), which the plot reads: docs/tradeoff.png and
+# docs/tradeoff.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -9,6 +9,7 @@ before training or after it.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -96,6 +97,12 @@ def test_submitit_sweep_submits_one_job_per_point(slurm, tmp_path):
     summaries = [json.loads((sweep_dir / str(i) / "summary.json").read_text()) for i in (0, 1)]
     assert [s["world_size"] for s in summaries] == [2, 2]  # tasks_per_node=2 in slurm_cpu
     assert summaries[0]["state_digest"] != summaries[1]["state_digest"]  # different seeds
+    # The submitting process writes the sweep's table once both jobs have ended.
+    with open(sweep_dir / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job_num"], r["status"], r["trainer.seed"]) for r in rows] == [
+        ("0", "completed", "0"), ("1", "completed", "1")]
+    assert [r["state_digest"] for r in rows] == [s["state_digest"] for s in summaries]
 
 
 # Pre-emption. 300 steps of the tiny model: the signal goes out once step 50 is logged, and at

@@ -30,6 +30,7 @@ stop_if_unfit()
 from train.config import register_configs  # noqa: E402
 from train.rank_failures import RANK_FAILED_EXIT_CODE, RankFailed  # noqa: E402
 from train.run import STOPPED_EXIT_CODE, ConfigError, Stopped, run  # noqa: E402
+from train.sweep_results import write_unfinished_sweep_results  # noqa: E402
 
 register_configs()
 # Imports done: Ctrl-C is a KeyboardInterrupt again, which the job turns into a clean stop.
@@ -119,4 +120,7 @@ if __name__ == "__main__":
             _interrupted(interrupt)
     except SystemExit as exit:
         status = _exit_code(exit)
+    # A sweep that a failed point ended still writes its results table (Hydra skips its
+    # on_multirun_end then); nothing for a single run.
+    write_unfinished_sweep_results()
     _leave(status)

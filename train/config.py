@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from modules.criteo import CATEGORICAL_NAMES as CRITEO_CATEGORICAL_NAMES
+from modules.criteo import NUM_DENSE as CRITEO_NUM_DENSE
 from modules.features import FeatureSpec, check_hashing_option
 from modules.synthetic import PlantedSignal
 
@@ -263,6 +265,9 @@ class DataConfig:
     cache_dir: str = "data_cache"
     # A malformed row: fail (name file and line) or skip (counted in the summary).
     on_bad_row: str = "fail"
+    # The features= option this data's columns are named for, which its defaults select; named
+    # in the error when the chosen feature set does not fit the columns (null = any set).
+    feature_set: Optional[str] = None
     # parquet: column names. With features=from_data (data=parquet's default) each
     # categorical column is a feature; empty lists = every column of the schema but the label
     # (numbers dense, integer / string IDs and lists of them categorical). With a feature
@@ -431,9 +436,26 @@ class TrainerConfig:
     # the job fails (NCCL's own default is 10 minutes); generous, as rank 0 alone may
     # preprocess data or write files while the others wait at the next collective.
     dist_timeout_s: float = 1800.0
+    # Record a torch.profiler trace of a few steps on every rank into <run dir>/profile/
+    # (train/profiling.py); off: no profiler at all.
+    profile: bool = False
+    # The steps profiled: [first global step, number of steps]; by default the 3 steps after
+    # the 10 that throughput leaves out as warm-up.
+    profile_steps: List[int] = field(default_factory=lambda: [10, 3])
 
     def __post_init__(self) -> None:
         _check_positive("trainer.steps", self.steps)
+        if len(self.profile_steps) != 2 or self.profile_steps[0] < 0 or self.profile_steps[1] < 1:
+            raise ValueError(
+                f"trainer.profile_steps must be [first step >= 0, number of steps >= 1], got "
+                f"{list(self.profile_steps)}"
+            )
+        if self.profile and sum(self.profile_steps) > self.steps:
+            raise ValueError(
+                f"trainer.profile_steps={list(self.profile_steps)} ends after trainer.steps="
+                f"{self.steps}: profile steps {self.profile_steps[0]}.."
+                f"{sum(self.profile_steps) - 1} of a run that has {self.steps}"
+            )
         _check_positive("trainer.dist_timeout_s", self.dist_timeout_s)
         _check_positive("trainer.batch_size", self.batch_size)
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
@@ -511,6 +533,31 @@ class Config:
     def __post_init__(self) -> None:
         if self.plan_topology.world_size is not None and not self.plan_only:
             raise ValueError("plan_topology.world_size plans a cluster you do not have: set plan_only=true")
+        if self.data.source == "criteo":
+            check_criteo_features(self.data, self.features)
+
+
+def check_criteo_features(data: DataConfig, features: FeaturesConfig) -> None:
+    """Criteo data has 13 dense columns and categorical columns C1..C26: a feature set that
+    names others fails here, before any process starts, naming the features= to pass."""
+    names = [name for group in features.groups.values() for name in group.features]
+    names += [f"t{index:03d}" for index in range(features.generated.num_tables)]
+    missing = [name for name in names if name not in CRITEO_CATEGORICAL_NAMES]
+    if not missing and features.num_dense_features == CRITEO_NUM_DENSE:
+        return
+    if missing:
+        fix = (f"features={data.feature_set}" if data.feature_set
+               else "a features= set named C1..C26")
+        raise ValueError(
+            f"data={data.name} is Criteo data, but features={features.name} names features "
+            f"{missing[:3]}{' ...' if len(missing) > 3 else ''} that are not among its "
+            f"categorical columns C1..C26: pass {fix}"
+        )
+    raise ValueError(
+        f"data={data.name} is Criteo data with {CRITEO_NUM_DENSE} dense columns, but "
+        f"features={features.name} has features.num_dense_features="
+        f"{features.num_dense_features}: pass features.num_dense_features={CRITEO_NUM_DENSE}"
+    )
 
 
 def reject_unknown_keys(cfg: Any, where: str = "") -> None:

@@ -15,12 +15,13 @@ from the host (``modules/batch.py``), and the stop-signal vote runs on a host-si
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -112,16 +113,36 @@ class Reporting:
 
 class TrainingHook:
     """Work the loop hands off, called on every rank at the same points, so a hook may use
-    collectives: ``after_step`` after every training step (True stops training with
+    collectives: ``before_training`` once before the first step (the global step training
+    starts at), ``after_step`` after every training step (True stops training with
     TrainingStopped), ``after_eval`` after every evaluation (extra metrics to log with the
     eval/ keys, full keys included, e.g. {"hash/user_id/collision_rate": 0.012}; rank 0's are
-    logged). The loop calls every hook at every point, whatever the others return."""
+    logged). ``after_training`` runs when training ends, also on an error: no collectives
+    there. The loop calls every hook at every point, whatever the others return."""
+
+    def before_training(self, start_step: int) -> None:
+        pass
 
     def after_step(self, step: int) -> bool:
         return False
 
     def after_eval(self, step: int) -> dict[str, float]:
         return {}
+
+    def after_training(self) -> None:
+        pass
+
+
+# The range around each training step in a profile (trainer.profile, train/profiling.py).
+STEP_RANGE = "train_step"
+
+
+def step_range() -> ContextManager[Any]:
+    """A ``train_step`` range while a profiler records, else nothing: without a profiler a
+    step pays one flag read, not a record_function."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(STEP_RANGE)
+    return contextlib.nullcontext()
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -233,7 +254,8 @@ class Trainer:
             for step in range(start, stop):
                 # The fused embedding optimizer picks the new lr up in zero_grad() in progress().
                 self.schedule.set_step(step)
-                loss, logits, labels = self.pipeline.progress(batches)
+                with step_range():
+                    loss, logits, labels = self.pipeline.progress(batches)
                 losses.append(loss)
                 self.predictions.add(logits, labels)
                 self.progress.advance()
@@ -371,9 +393,13 @@ class Trainer:
             device=self.context.device,
         )
         self._measured_embedding_bytes = [int(v) for v in gather_concat(measured).cpu()]
+        for hook in self.hooks:
+            hook.before_training(start_step)
         try:
             return self._train(steps, eval_every, start_step)
         finally:
+            for hook in self.hooks:
+                hook.after_training()
             self.progress.close()
 
     def _train(self, steps: int, eval_every: int, start_step: int) -> TrainResult:

@@ -59,6 +59,7 @@ from train.parquet_features import (
     save_statistics,
 )
 from train.planning import format_memory, plan_for_topology
+from train.profiling import profiling_hooks
 from train.rank_failures import watch_rank_failures
 from train.run_dir import save_job_config, start_checkpoints
 from train.run_lock import RunDirInUse, release_run_lock, take_run_lock
@@ -284,6 +285,8 @@ def _run(
     hooks: list[TrainingHook] = [checkpoints, hashing]
     if data.eval_bayes_auc is not None:
         hooks.append(FixedEvalMetrics({"eval/bayes_auc": data.eval_bayes_auc}))
+    # Last: a profiled step's trace starts after the other hooks' work.
+    hooks += profiling_hooks(config.trainer, run_dir, context, metrics, say)
     trainer = Trainer(
         TrainingParts(job.model, job.optimizer, WarmupDecaySchedule(job.optimizer, config.optim)),
         context,
