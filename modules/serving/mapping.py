@@ -31,6 +31,7 @@ from modules.hash_functions import non_negative, splitmix64
 
 # Rows of the parameter table, as in modules/id_mapping.py (_key_parameters).
 SALT, USE_HASH, MOD1, DIV, MOD2, OFFSET = range(6)
+_INT64_MAX = (1 << 63) - 1
 
 
 @dataclass
@@ -127,8 +128,12 @@ class ServingIdMapping(nn.Module):
             # rows holds the 63-bit hashed ID for this key (m1 = the MCH input space).
             found_at = torch.searchsorted(sorted_ids, rows).clamp(max=sorted_ids.numel() - 1)
             found = sorted_ids[found_at] == rows
-            shard = torch.div(rows, self.managed_block_sizes[key], rounding_mode="floor")
-            shard = shard.clamp(min=0, max=fallback.numel() - 1)
+            block_size = self.managed_block_sizes[key]
+            if block_size > _INT64_MAX:  # one shard: the block is the whole 63-bit space
+                shard = torch.zeros_like(rows)
+            else:
+                shard = torch.div(rows, block_size, rounding_mode="floor")
+                shard = shard.clamp(min=0, max=fallback.numel() - 1)
             mapped = torch.where(found, map_rows[found_at], fallback[shard])
             rows = torch.where(key_of_value == key, mapped, rows)
         return rows, per_feature[self.source].reshape(-1)
