@@ -27,7 +27,7 @@ from tests.helpers import REPO, TINY, compose_config, run_ranks, run_train
 from train.build import feature_groups
 
 HASHING_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "hashing").glob("*.yaml"))
-STEPS = 8
+STEPS = 4
 # Every method in one model: user_id hash embeddings with importance weights, ad_id QR,
 # advertiser_id frequency, site_id managed, ad_category modulo, user_interests hash (4 IDs per
 # sample), the small features none.
@@ -149,7 +149,7 @@ def test_two_rank_row_wise_export_scores_as_the_sharded_model(two_rank_run):
 
 @pytest.mark.parametrize("hashing", HASHING_CONFIGS)
 def test_each_hashing_config_exports_the_trained_scores(hashing, tmp_path):
-    from train.export import gather, load_run_config, _groups, find_checkpoint
+    from train.export import _groups, export as export_in_process, find_checkpoint, gather, load_run_config
     from train.run import run
 
     overrides = [*SHORT, f"hashing={hashing}",
@@ -157,7 +157,7 @@ def test_each_hashing_config_exports_the_trained_scores(hashing, tmp_path):
     cfg = composed(overrides)
     # As python -m train: the job writes the composed config into the run's .hydra folder.
     summary = run(cfg, tmp_path / "run", {"config.yaml": OmegaConf.to_yaml(cfg)})
-    export(tmp_path / "run", tmp_path / "model.pt")
+    export_in_process(tmp_path / "run", tmp_path / "model.pt")  # the CLI has tests below
     batches = planted_eval(tmp_path / "run", overrides, 1)
     scores = exported_scores(tmp_path / "model.pt", batches)
     config, _ = load_run_config(tmp_path / "run")
