@@ -28,10 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--on-bad-row", default="fail", choices=("fail", "skip"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice, one per core)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     import torch
+
+    if args.threads:
+        # On a shared machine 1 thread can be far faster: OpenMP threads of one op wait
+        # for each other when another job holds a core.
+        torch.set_num_threads(args.threads)
 
     from modules.serving.predict import predict
 
