@@ -26,6 +26,9 @@ from modules.serving.schema import load_exported
 from tests.helpers import REPO, TINY, compose_config, run_ranks, run_train
 from train.build import feature_groups
 
+# Trains 8 jobs (a torchrun one among them) and runs the scripts in subprocesses.
+pytestmark = pytest.mark.slow
+
 HASHING_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "hashing").glob("*.yaml"))
 STEPS = 4
 # Every method in one model: user_id hash embeddings with importance weights, ad_id QR,
@@ -149,7 +152,8 @@ def test_two_rank_row_wise_export_scores_as_the_sharded_model(two_rank_run):
 
 @pytest.mark.parametrize("hashing", HASHING_CONFIGS)
 def test_each_hashing_config_exports_the_trained_scores(hashing, tmp_path):
-    from train.export import _groups, export as export_in_process, find_checkpoint, gather, load_run_config
+    from train.export import _groups, find_checkpoint, gather, load_run_config
+    from train.export import export as export_in_process
     from train.run import run
 
     overrides = [*SHORT, f"hashing={hashing}",

@@ -1,9 +1,9 @@
 """Export a trained run as one self-contained TorchScript file (``scripts/export.py``).
 
-    run dir or checkpoint ─► the run's config (.hydra/config.yaml) ─► the unsharded model on CPU
+    run dir or checkpoint ─► the run's config (.hydra/config.yaml) ─► unsharded model on CPU
         ─► torch.distributed.checkpoint loads the shards of any world size into it (no process
            group: one process reads every rank's files) ─► hashing fingerprints checked
-        ─► ServingModel (modules/serving/) ─► fx trace + script ─► <out>.tmp ─► rename
+        ─► ServingModel (modules/serving/) ─► fx trace + script ─► .<out>.tmp ─► rename
 
 The ID mappers' salts and moduli are not in the checkpoint (non-persistent buffers): they are
 rebuilt from the run's config, and the fingerprint of every feature's mapping recorded in
@@ -69,7 +69,8 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
     checkpoint directory (``<run dir>/checkpoints/step_<N>``)."""
     if not path.exists():
         raise ExportError(f"{path}: no such run or checkpoint directory")
-    if path.parent.name == "checkpoints" or (path / META).exists() or (path / ".metadata").exists():
+    is_checkpoint = (path / META).exists() or (path / ".metadata").exists()
+    if path.parent.name == "checkpoints" or is_checkpoint:
         problem = check_intact(path)
         if problem is not None:
             raise ExportError(f"checkpoint {path} cannot be exported: {problem}")
@@ -107,7 +108,8 @@ def _groups(config: Config, run_dir: Path) -> list[FeatureGroupSpec]:
     """Feature groups as training built them. A relative frequency file is looked for from
     here, then from the run directory and its parents (training's working directory)."""
     frequency_file = config.hashing.frequency_file
-    if frequency_file and not Path(frequency_file).is_absolute() and not Path(frequency_file).exists():
+    relative = frequency_file and not Path(frequency_file).is_absolute()
+    if relative and not Path(frequency_file).exists():
         for base in [run_dir, *run_dir.resolve().parents]:
             if (base / frequency_file).exists():
                 config.hashing.frequency_file = str(base / frequency_file)
@@ -132,9 +134,11 @@ def gather(
     ours.pop(None, None)
     for name in sorted(set(ours) | set(saved_tables)):
         if name not in saved_tables:
-            raise ExportError(f"checkpoint {checkpoint} has no table {name}, which the run's config has")
+            raise ExportError(
+                f"checkpoint {checkpoint} has no table {name}, which the run's config has")
         if name not in ours:
-            raise ExportError(f"checkpoint {checkpoint} has table {name}, which the run's config lacks")
+            raise ExportError(
+                f"checkpoint {checkpoint} has table {name}, which the run's config lacks")
         if saved_tables[name] != ours[name]:
             raise ExportError(
                 f"checkpoint {checkpoint}: table {name} is {saved_tables[name]}, the run's "
@@ -159,7 +163,8 @@ def gather(
         # No process group: this one process reads every rank's shards into whole tensors.
         dcp.load({"model": state}, storage_reader=reader, no_dist=True)
     except Exception as error:
-        raise ExportError(f"cannot read checkpoint {checkpoint}: {str(error).splitlines()[0]}") from None
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ExportError(f"cannot read checkpoint {checkpoint}: {first_line}") from None
     return model.model, meta, metadata
 
 

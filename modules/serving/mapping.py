@@ -22,7 +22,7 @@ feature, as a KJT lays them out). Output: rows int64 and lengths [K * B] for the
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

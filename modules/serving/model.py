@@ -1,7 +1,8 @@
 """The serving model: raw IDs and dense features in, click probabilities out, as TorchScript.
 
-    dense [B, N] ─► bottom MLP ─────────────────────────────────────────────┐
-    values, lengths (F features) ─► ServingIdMapping ─► quantized EBC ─► combine ─┴► interaction ─► top MLP ─► sigmoid ─► [B]
+    dense [B, N] ─► bottom MLP ──────────────────────────────────────┐
+    values, lengths ─► ServingIdMapping ─► quantized EBC ─► combine ─┴► interaction
+        ─► top MLP ─► sigmoid ─► [B]
 
 Built from a trained, unsharded ``ClickModel`` (``modules/model.py``), then made TorchScript
 the way TorchRec's own inference path does it: ``torchrec.fx.symbolic_trace`` then

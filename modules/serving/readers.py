@@ -150,4 +150,6 @@ def read_blocks(
                               schema["label_column"], batch_size, skip, skipped)
     if path.name.endswith(CRITEO_TEXT_SUFFIXES):
         return criteo_text_blocks([path], feature_names, batch_size, skip, skipped)
-    raise BadRowError(f"{path}: unknown input kind (expected .parquet, .tsv, .txt, .gz or a folder)")
+    raise BadRowError(
+        f"{path}: unknown input kind (expected .parquet, .tsv, .txt, .gz or a folder)"
+    )
