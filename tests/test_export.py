@@ -10,6 +10,7 @@ unsharded model loaded from it (1-process jobs); the run's summary.json gives it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -164,7 +165,14 @@ def test_each_hashing_config_exports_the_trained_scores(hashing, tmp_path):
                  f"hashing.frequency_file={frequency_file(tmp_path / 'f.pt')}"]
     cfg = composed(overrides)
     # As python -m train: the job writes the composed config into the run's .hydra folder.
-    summary = run(cfg, tmp_path / "run", {"config.yaml": OmegaConf.to_yaml(cfg)})
+    saved_environment = dict(os.environ)
+    try:
+        summary = run(cfg, tmp_path / "run", {"config.yaml": OmegaConf.to_yaml(cfg)})
+    finally:
+        # run() sets MASTER_ADDR / MASTER_PORT for its one-process group; a later job
+        # started from this process must not inherit a port this one may still hold.
+        os.environ.clear()
+        os.environ.update(saved_environment)
     export_in_process(tmp_path / "run", tmp_path / "model.pt")  # the CLI has tests below
     batches = planted_eval(tmp_path / "run", overrides, 1)
     scores = exported_scores(tmp_path / "model.pt", batches)
