@@ -44,6 +44,13 @@ from train.build import build_click_model, feature_groups
 from train.checkpoint import META, check_intact, checkpoint_root, complete_checkpoints
 from train.config import Config, register_configs
 from train.hashing.fingerprint import first_difference, hashing_fingerprints
+from train.parquet_features import (
+    STATISTICS_FILE,
+    derived_features,
+    derives_features,
+    fill_columns_from_statistics,
+    needs_statistics,
+)
 from train.run import to_config
 from train.tables import table_name_of
 
@@ -104,9 +111,34 @@ def load_run_config(run_dir: Path) -> tuple[Config, str]:
         raise ExportError(f"{path}: {str(error).splitlines()[0]}") from None
 
 
+def run_statistics(config: Config, run_dir: Path) -> dict | None:
+    """The Parquet statistics the run measured once (``data_statistics.json``), never
+    measured again, where its config needs them; with them the run's columns (when it read
+    them off the train files) and, for ``features=from_data``, its derived feature set are
+    put back into ``config`` exactly as training built them (``train/parquet_features.py``)."""
+    if not needs_statistics(config):
+        return None
+    path = run_dir / STATISTICS_FILE
+    if not path.exists():
+        raise ExportError(
+            f"{run_dir}: no {STATISTICS_FILE} (the statistics a data=parquet run measures and "
+            f"derives its features and dense normalisation from)"
+        )
+    statistics = json.loads(path.read_text())
+    fill_columns_from_statistics(config, statistics)
+    if derives_features(config):
+        try:
+            config.features = derived_features(config, statistics)
+        except (KeyError, ValueError) as error:
+            raise ExportError(f"{path}: cannot derive the run's features ({error})") from None
+    return statistics
+
+
 def _groups(config: Config, run_dir: Path) -> list[FeatureGroupSpec]:
-    """Feature groups as training built them. A relative frequency file is looked for from
-    here, then from the run directory and its parents (training's working directory)."""
+    """Feature groups as training built them (derived from the saved statistics for
+    features=from_data). A relative frequency file is looked for from here, then from the
+    run directory and its parents (training's working directory)."""
+    run_statistics(config, run_dir)
     frequency_file = config.hashing.frequency_file
     relative = frequency_file and not Path(frequency_file).is_absolute()
     if relative and not Path(frequency_file).exists():
@@ -241,12 +273,29 @@ def serving_model(
     serving = ServingModel(
         mapping, lookup, output_keys, PooledCombiner(all_features(groups)),
         model.dense_arch, interaction, model.over_arch,
+        constant_dense=model.num_dense_features == 0,
     )
     return serving.eval(), table_bytes(lookup)
 
 
+def _parquet_columns(config: Config, statistics: dict | None) -> dict:
+    """A Parquet model's column rules, as its training reader applied them: dense nulls,
+    the dense transform with the statistics it used, which categorical columns are lists."""
+    data = config.data
+    measured = (statistics or {}).get("dense", {})
+    categorical = (statistics or {}).get("categorical", {})
+    return {
+        "dense_null": data.dense_null,
+        "dense_statistics": {name: {"mean": measured[name]["mean"], "std": measured[name]["std"]}
+                             for name in data.dense_columns if name in measured},
+        # None: not measured (a feature YAML without statistics); the file's types decide.
+        "list_columns": ([name for name in data.categorical_columns
+                          if categorical.get(name, {}).get("list")] if categorical else None),
+    }
+
+
 def schema(config: Config, groups: list[FeatureGroupSpec], config_text: str, meta: dict,
-           checkpoint: Path, precision: str, tables: int) -> dict:
+           checkpoint: Path, precision: str, tables: int, statistics: dict | None = None) -> dict:
     """What a server (and scripts/predict.py) needs to feed the model, as JSON."""
     data = config.data
     if data.source == "criteo":
@@ -276,7 +325,10 @@ def schema(config: Config, groups: list[FeatureGroupSpec], config_text: str, met
         "label_column": data.label_column if data.source == "parquet" else "label",
         "data_source": data.source,
         "criteo_categorical_columns": CATEGORICAL_NAMES if data.source == "criteo" else None,
-        "dense_transform": "log1p(max(x, 0))" if data.source == "criteo" else "none",
+        # Parquet: data.dense_transform (none | log = log1p(max(x, 0)) | standardize).
+        "dense_transform": ("log1p(max(x, 0))" if data.source == "criteo" else
+                            data.dense_transform if data.source == "parquet" else "none"),
+        "parquet": _parquet_columns(config, statistics) if data.source == "parquet" else None,
         "precision": precision,
         "table_bytes": tables,
         "model": {"interaction": config.model.interaction,
@@ -300,7 +352,8 @@ def export(source: Path, out: Path, precision: str = "fp32") -> Exported:
     with torch.no_grad():
         serving, tables = serving_model(model, groups, metadata, precision)
         scripted = to_torchscript(serving)
-    described = schema(config, groups, config_text, meta, checkpoint, precision, tables)
+    described = schema(config, groups, config_text, meta, checkpoint, precision, tables,
+                       run_statistics(config, run_dir))
     if not out.parent.exists():
         raise ExportError(f"{out.parent}: no such directory for the output file")
     temporary = out.with_name(f".{out.name}.tmp{os.getpid()}")

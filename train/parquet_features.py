@@ -58,6 +58,17 @@ def fill_columns_from_schema(config: Config) -> None:
         (data.dense_columns if floating else data.categorical_columns).append(field.name)
 
 
+def fill_columns_from_statistics(config: Config, statistics: dict) -> None:
+    """As ``fill_columns_from_schema`` did for the run, from its saved statistics (which
+    hold every dense and categorical column it read, in order): a run's columns without its
+    train files (export)."""
+    data = config.data
+    if data.dense_columns or data.categorical_columns:
+        return
+    data.dense_columns.extend(statistics.get("dense", {}))
+    data.categorical_columns.extend(statistics.get("categorical", {}))
+
+
 def _load_or_measure(config: Config, run_dir: Path) -> dict:
     saved = run_dir / STATISTICS_FILE
     if config.trainer.resume != "none" and saved.exists():

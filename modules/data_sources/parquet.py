@@ -12,10 +12,11 @@ import numpy as np
 from modules.batch import Batch
 from modules.data_sources.parquet_columns import (
     check_schema,
-    dense_values,
+    dense_column,
     id_bags,
     label_values,
     string_ids,
+    transform_dense,
 )
 from modules.data_sources.parquet_statistics import measure_statistics
 from modules.data_sources.source import check_feature_columns
@@ -206,18 +207,11 @@ class ParquetSource:
         return self._pq.ParquetFile(path).read_row_group(index, columns=columns)
 
     def _dense(self, table, where: str, first: int) -> dict[str, np.ndarray]:
-        # With skip_bad_rows a null dense value under dense_null=fail is a bad row like NaN.
-        null = "nan" if self.skip_bad_rows and self.dense_null == "fail" else self.dense_null
         dense = {}
         for name in self.dense_columns:
-            mean = self.statistics["dense"][name]["mean"] if null == "mean" else None
-            if null == "nan":
-                column = table.column(name)
-                values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-                values[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
-            else:
-                values = dense_values(table.column(name), where, name, null, mean, first)
-            dense[name] = values
+            mean = self.statistics["dense"][name]["mean"] if self.dense_null == "mean" else None
+            dense[name] = dense_column(table.column(name), where, name, self.dense_null, mean,
+                                       self.skip_bad_rows, first)
         return dense
 
     def _good_dense_rows(self, dense: dict[str, np.ndarray], where: str, first: int) -> np.ndarray:
@@ -336,14 +330,10 @@ class ParquetSource:
 
     def _transformed(self, dense: np.ndarray) -> np.ndarray:
         """Dense [N, D] float64 after data.dense_transform (statistics measured once)."""
-        if self.dense_transform == "log":
-            return np.log1p(np.maximum(dense, 0.0))
-        if self.dense_transform == "standardize":
-            stats = [self.statistics["dense"][name] for name in self.dense_columns]
-            mean = np.array([s["mean"] for s in stats])
-            std = np.array([s["std"] if s["std"] > 0 else 1.0 for s in stats])
-            return (dense - mean) / std
-        return dense
+        if self.dense_transform != "standardize":
+            return transform_dense(dense, self.dense_transform, [])
+        stats = [self.statistics["dense"][name] for name in self.dense_columns]
+        return transform_dense(dense, self.dense_transform, stats)
 
     def _to_batch(self, columns: Block) -> Batch:
         num_rows = len(columns[self.label_column])

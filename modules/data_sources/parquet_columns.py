@@ -70,15 +70,17 @@ def _check_id_type(where: str, type_: pa.DataType) -> None:
 
 
 def check_schema(
-    path: Path, schema: pa.Schema, label: str, dense: list[str], categorical: list[str]
+    path: Path, schema: pa.Schema, label: str | None, dense: list[str], categorical: list[str]
 ) -> dict[str, bool]:
     """Check one file's schema against the declared columns; returns, per categorical column,
-    whether it is a list column (several IDs per row). ValueError names file and column."""
+    whether it is a list column (several IDs per row). ValueError names file and column.
+    ``label`` None: no label column is expected (scoring input)."""
     names = set(schema.names)
-    absent = [name for name in [label, *dense, *categorical] if name not in names]
+    labels = [] if label is None else [label]
+    absent = [name for name in [*labels, *dense, *categorical] if name not in names]
     if absent:
         raise ValueError(f"{path}: columns {absent} are missing (has {sorted(names)})")
-    for name, role in [(label, "label"), *((name, "dense") for name in dense)]:
+    for name, role in [*((name, "label") for name in labels), *((name, "dense") for name in dense)]:
         type_ = _value_type(schema.field(name).type)
         where = f"{path}: {role} column {name}"
         if _is_list(type_):
@@ -185,3 +187,32 @@ def dense_values(
             raise ValueError(f"dense_null=mean needs the mean of {name}")
         column = pc.fill_null(column.cast(pa.float64()), fill)
     return column.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def dense_column(
+    column, where: str, name: str, null: str, mean: float | None, skip_bad_rows: bool,
+    row_offset: int = 0,
+) -> np.ndarray:
+    """``dense_values`` as a reader applies data.dense_null: with skip_bad_rows a null under
+    dense_null=fail becomes NaN, a bad row that ``finite_dense_rows`` drops (like a NaN)."""
+    if skip_bad_rows and null == "fail":
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        values[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+        return values
+    return dense_values(column, where, name, null, mean, row_offset)
+
+
+def transform_dense(dense: np.ndarray, transform: str, statistics: list[dict]) -> np.ndarray:
+    """Dense [N, D] float64 after data.dense_transform (none | log | standardize);
+    ``statistics``: per column, {"mean", "std"} as measured once from the train data."""
+    if transform == "log":
+        return np.log1p(np.maximum(dense, 0.0))
+    if transform == "standardize":
+        mean = np.array([s["mean"] for s in statistics], dtype=np.float64)
+        std = np.array([s["std"] if s["std"] > 0 else 1.0 for s in statistics], dtype=np.float64)
+        return (dense - mean) / std
+    if transform != "none":
+        raise ValueError(f"dense_transform={transform!r} is not one of none, log, standardize")
+    return dense

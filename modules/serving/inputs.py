@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from modules.batch import Batch
-from modules.tabular import MISSING_ID
+from modules.tabular import MISSING_ID, Bags
 
 
 def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -21,13 +21,17 @@ def batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def column_inputs(
-    dense: np.ndarray, categorical: list[np.ndarray]
+    dense: np.ndarray, categorical: list["np.ndarray | Bags"]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dense, values, lengths) from a dense matrix [B, N] and one int64 raw-ID column [B] per
-    feature in schema order; MISSING_ID is an empty bag, as in training
-    (``modules/tabular.py``)."""
+    """(dense, values, lengths) from a dense matrix [B, N] and one int64 raw-ID column [B]
+    (MISSING_ID: an empty bag, as in training, ``modules/tabular.py``) or one ``Bags`` (a
+    list column: several IDs per sample) per feature in schema order."""
     values, lengths = [], []
     for column in categorical:
+        if isinstance(column, Bags):
+            values.append(torch.from_numpy(np.asarray(column.values, dtype=np.int64)))
+            lengths.append(torch.from_numpy(np.asarray(column.lengths, dtype=np.int32)))
+            continue
         column = np.asarray(column, dtype=np.int64)
         present = column != MISSING_ID
         values.append(torch.from_numpy(column[present]))

@@ -52,7 +52,9 @@ class ServingModel(nn.Module):
 
     ``values``/``lengths`` are one KJT's worth of raw IDs for the F features in schema order,
     key-major: the lengths of feature 0 for the B samples, then feature 1's, ...; an empty bag
-    (length 0) is a missing value.
+    (length 0) is a missing value. A model trained without dense features
+    (``constant_dense``) takes dense [B, 0] and feeds its bottom MLP a constant 1 per sample,
+    as training does (``modules/model.py``).
     """
 
     def __init__(
@@ -64,8 +66,10 @@ class ServingModel(nn.Module):
         dense_arch: nn.Module,
         interaction: nn.Module,
         over_arch: nn.Module,
+        constant_dense: bool = False,
     ) -> None:
         super().__init__()
+        self.constant_dense = constant_dense
         self.mapping = mapping
         self.lookup = lookup
         self.output_keys = output_keys
@@ -83,6 +87,9 @@ class ServingModel(nn.Module):
         ).to_dict()
         # Managed features' keys are in the same dict: one collection holds every table.
         sparse = self.combiner(pooled, pooled)
+        if self.constant_dense:
+            # [B, 0] -> [B, 1] of ones, in tensor ops (traced and scripted as they are).
+            dense = torch.ones_like(dense.sum(dim=1, keepdim=True))
         dense_out = self.dense_arch(dense)
         logits = self.over_arch(self.interaction(dense_out, sparse))
         return torch.sigmoid(logits.squeeze(-1))

@@ -2,8 +2,8 @@
 
 Each reader yields ``Block``s of at most ``batch_size`` rows in input order, holding the
 columns an exported model's schema names, and parses with the training readers
-(``modules/criteo.py`` for Criteo text and shards, ``string_ids`` and ``finite_dense_rows``
-for Parquet), so a row means at serving time what it meant in training. Memory is bounded by
+(``modules/criteo.py`` for Criteo text and shards, ``parquet_columns`` and
+``finite_dense_rows`` for Parquet), so a row means at serving time what it meant in training. Memory is bounded by
 the block: nothing reads a whole file.
 """
 
@@ -17,8 +17,13 @@ from typing import Iterator
 import numpy as np
 
 from modules.criteo import CATEGORICAL_NAMES, CriteoColumns, ParsedBlock, open_text, parse_lines
-from modules.data_sources import string_ids
-from modules.tabular import MISSING_ID, BadRowError, finite_dense_rows
+from modules.data_sources.parquet_columns import (
+    check_schema,
+    dense_column,
+    id_bags,
+    transform_dense,
+)
+from modules.tabular import BadRowError, finite_dense_rows
 
 CRITEO_TEXT_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
 
@@ -26,7 +31,7 @@ CRITEO_TEXT_SUFFIXES = (".tsv", ".txt", ".gz", ".csv")
 @dataclass
 class Block:
     """dense float [B, N]; categorical: one int64 [B] column per schema feature (MISSING_ID
-    = empty); labels [B] or None; skipped: bad rows dropped before this block."""
+    = empty) or Bags (a list column); labels [B] or None; skipped: bad rows dropped before this block."""
 
     dense: np.ndarray
     categorical: list[np.ndarray]
@@ -84,35 +89,50 @@ def parquet_blocks(
     batch_size: int,
     skip: bool,
     skipped: Skipped,
+    rules: dict | None = None,
+    dense_transform: str = "none",
 ) -> Iterator[Block]:
+    """Parquet rows as training's reader converts them (``parquet_columns``): string, int and
+    list IDs (a list column is a bag of IDs per row), negative IDs and uint64 refused, dense
+    nulls by ``rules["dense_null"]``, then ``dense_transform`` with the run's statistics.
+    ``rules``: the schema's ``parquet`` entry (None: a model exported before it was written,
+    read as then: nulls 0, any column kind)."""
     import pyarrow.parquet as pq
 
+    rules = rules or {}
+    null = rules.get("dense_null", "zero")
+    measured = rules.get("dense_statistics") or {}
+    lists = rules.get("list_columns")
+    for name in dense_columns:
+        if (null == "mean" or dense_transform == "standardize") and name not in measured:
+            raise ValueError(f"the model's schema has no statistics for dense column {name}")
+    statistics = [measured.get(name) for name in dense_columns]
     for path in files:
         handle = pq.ParquetFile(path)
         names = set(handle.schema_arrow.names)
-        absent = [name for name in [*dense_columns, *feature_names] if name not in names]
-        if absent:
-            raise ValueError(f"{path}: columns {absent} are missing (has {sorted(names)})")
         has_label = label_column in names
+        is_list = check_schema(path, handle.schema_arrow, label_column if has_label else None,
+                               dense_columns, feature_names)
+        for name in feature_names:
+            if lists is not None and is_list[name] != (name in lists):
+                kinds = ("one value per row", "a list per row")
+                raise ValueError(f"{path}: categorical column {name} is {kinds[is_list[name]]}; "
+                                 f"the model was trained on {kinds[name in lists]}")
         wanted = [*dense_columns, *feature_names] + ([label_column] if has_label else [])
         first_row = 0
         for record_batch in handle.iter_batches(batch_size=batch_size, columns=wanted):
             num_rows = record_batch.num_rows
-            categorical = []
-            for name in feature_names:
-                column = record_batch.column(name)
-                if str(column.type) in ("string", "large_string"):
-                    categorical.append(string_ids(column))
-                else:
-                    categorical.append(column.fill_null(MISSING_ID).to_numpy().astype(np.int64))
-            dense = np.stack(
-                [record_batch.column(n).fill_null(0).to_numpy(zero_copy_only=False)
-                 .astype(np.float64) for n in dense_columns], axis=1,
-            ) if dense_columns else np.zeros((num_rows, 0))
+            where = f"{path}: rows {first_row}-{first_row + num_rows - 1} (0-based)"
+            categorical = [id_bags(record_batch.column(name), where, name, first_row)
+                           for name in feature_names]
+            dense = np.stack([
+                dense_column(record_batch.column(name), where, name, null,
+                             (measured.get(name) or {}).get("mean"), skip, first_row)
+                for name in dense_columns
+            ], axis=1) if dense_columns else np.zeros((num_rows, 0))
             labels = (record_batch.column(label_column).fill_null(0)
                       .to_numpy(zero_copy_only=False) if has_label else None)
-            where = f"{path}: rows {first_row}-{first_row + num_rows - 1} (0-based)"
-            good = finite_dense_rows(dense, where, dense_columns, skip)
+            good = finite_dense_rows(dense, where, dense_columns, skip, first_row)
             dropped = int((~good).sum())
             if dropped:
                 skipped.rows += dropped
@@ -121,7 +141,14 @@ def parquet_blocks(
                 labels = labels[good] if labels is not None else None
             first_row += num_rows
             if len(dense):
+                dense = transform_dense(dense, dense_transform, statistics)
                 yield Block(dense.astype(np.float32), categorical, labels, dropped)
+
+
+def _parquet_transform(schema: dict) -> str:
+    """The dense transform a Parquet input gets: the Parquet model's data.dense_transform;
+    none for other models (their inputs' dense columns are taken as given)."""
+    return schema.get("dense_transform", "none") if schema.get("parquet") else "none"
 
 
 def read_blocks(
@@ -139,7 +166,8 @@ def read_blocks(
         text = sorted(p for p in path.iterdir() if p.name.endswith(CRITEO_TEXT_SUFFIXES))
         if parquet:
             return parquet_blocks(parquet, feature_names, schema["dense_columns"],
-                                  schema["label_column"], batch_size, skip, skipped)
+                                  schema["label_column"], batch_size, skip, skipped,
+                                  schema.get("parquet"), _parquet_transform(schema))
         if text:
             return criteo_text_blocks(text, feature_names, batch_size, skip, skipped)
         raise FileNotFoundError(
@@ -147,7 +175,8 @@ def read_blocks(
         )
     if path.suffix == ".parquet":
         return parquet_blocks([path], feature_names, schema["dense_columns"],
-                              schema["label_column"], batch_size, skip, skipped)
+                              schema["label_column"], batch_size, skip, skipped,
+                              schema.get("parquet"), _parquet_transform(schema))
     if path.name.endswith(CRITEO_TEXT_SUFFIXES):
         return criteo_text_blocks([path], feature_names, batch_size, skip, skipped)
     raise BadRowError(
