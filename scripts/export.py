@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the file to write")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
                         help="how the tables are stored (default fp32)")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="do not log the file as a model artifact of the run's W&B run "
+                             "(logged by default unless the run had logger.mode=disabled)")
     args = parser.parse_args(argv)
     # Tracing and scripting TorchRec modules warns about internals; none concern the user.
     warnings.filterwarnings("ignore")
@@ -42,7 +45,24 @@ def main(argv: list[str] | None = None) -> int:
         f"rank(s)) to {exported.path}: {exported.file_bytes:,} bytes, tables "
         f"{exported.table_bytes:,} bytes in {args.precision}"
     )
+    if not args.no_wandb:
+        _log_artifact(exported, args.precision)
     return 0
+
+
+def _log_artifact(exported, precision: str) -> None:
+    """The file as a ``model`` artifact of the run's W&B run (in the run's logger mode), so a
+    W&B user finds the model beside the run that trained it."""
+    from train.export import load_run_config
+    from train.wandb_logger import log_exported_model
+
+    run_dir = exported.checkpoint.parent.parent  # <run dir>/checkpoints/step_<N>
+    config, _ = load_run_config(run_dir)
+    metadata = {"precision": precision, "step": exported.step,
+                "checkpoint": str(exported.checkpoint), "world_size": exported.world_size}
+    directory = log_exported_model(config.logger, run_dir, exported.path, metadata)
+    if directory is not None:
+        print(f"W&B: logged as a model artifact of the run ({directory})")
 
 
 if __name__ == "__main__":

@@ -289,3 +289,24 @@ def test_bad_row_fails_with_file_and_line_or_is_skipped(criteo_run, tmp_path):
     result = run_script([*PREDICT, model, str(bad), str(out), "--on-bad-row", "skip"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 1 bad rows" in result.stdout and pq.read_table(out).num_rows == 10
+
+
+def test_export_logs_the_file_as_a_model_artifact_of_the_run(criteo_run, tmp_path):
+    """scripts/export.py hands its file to W&B as a ``model`` artifact of the run that
+    trained it (in the run's logger mode: offline here), so a W&B user finds the model."""
+    from tests.wandb_records import find_run_files, read_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(criteo_run / "run", run_dir)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    config = OmegaConf.load(config_path)
+    config.logger.mode = "offline"
+    OmegaConf.save(config, config_path)
+    result = export(run_dir, tmp_path / "model.pt")
+    assert "W&B: logged as a model artifact of the run" in result.stdout, result.stderr[-2000:]
+    [run_file] = find_run_files(run_dir / "wandb")
+    run = read_run(run_file)
+    assert run.job_type == "export"
+    [artifact] = [artifact for artifact in run.artifacts if artifact.type == "model"]
+    assert artifact.paths == ["model.pt"] and artifact.metadata["precision"] == "fp32"
+    assert export(run_dir, tmp_path / "again.pt", "--no-wandb").stdout.count("W&B") == 0
