@@ -113,10 +113,6 @@ def main() -> None:
                           "samples_per_sec": float(rate), "steps": args.steps,
                           "batch_size_per_rank": args.batch_size}), flush=True)
     dist.destroy_process_group()
-    # The figure is out. Skip the interpreter's teardown: now and then a C++ destructor at exit
-    # aborts the process ("terminate called without an active exception"), as in tests/helpers.
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) ->
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # The work and its results are done and on disk. Skip the interpreter's teardown: on rare
-    # runs (about 1 in 10 after a distributed checkpoint) a C++ destructor at exit aborted the
-    # process ("terminate called without an active exception") and failed a passing test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_ranks(fn: Callable, world_size: int = 2, *args: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -86,41 +85,12 @@ def _interrupted(interrupt: KeyboardInterrupt) -> None:
     raise SystemExit(130) from None
 
 
-def _exit_code(exit: SystemExit) -> int:
-    """The status a ``SystemExit`` stands for (a message is printed, as Python would)."""
-    if exit.code is None or isinstance(exit.code, int):
-        return exit.code or 0
-    _say(exit.code)
-    return 1
-
-
-def _leave(code: int) -> None:
-    """Exit with ``code`` without the interpreter's teardown.
-
-    In about one run in ten after a distributed checkpoint, a C++ destructor in that teardown
-    aborted the process ("terminate called without an active exception", status -6) after the
-    job had finished and written everything: a finished job reported as crashed, and a Slurm
-    or torchrun restart of a job that was done. Its cause is not found yet. Everything the job
-    writes is flushed or closed here first (W&B's service included); nothing else runs at exit.
-    """
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     try:
-        try:
-            main()
-            status = 0
-        except KeyboardInterrupt as interrupt:  # in Hydra's composition, before main's body
-            _interrupted(interrupt)
-    except SystemExit as exit:
-        status = _exit_code(exit)
-    # A sweep that a failed point ended still writes its results table (Hydra skips its
-    # on_multirun_end then); nothing for a single run.
-    write_unfinished_sweep_results()
-    _leave(status)
+        main()
+    except KeyboardInterrupt as interrupt:  # in Hydra's composition, before main's body
+        _interrupted(interrupt)
+    finally:
+        # A sweep that a failed point ended still writes its results table (Hydra skips its
+        # on_multirun_end then); nothing for a single run.
+        write_unfinished_sweep_results()

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -247,23 +248,26 @@ class Trainer:
         self.pipeline.reset()
         # The pipeline pulls batches inside progress(); timing next() splits data wait
         # from forward + backward + optimizer.
-        batches = TimedIterator(self.data.train_batches(start, stop))
-        window = Window.open(start, batches)
-        self.progress.start_training(start)
-        with deferred_id_range_errors(self.model):
-            for step in range(start, stop):
-                # The fused embedding optimizer picks the new lr up in zero_grad() in progress().
-                self.schedule.set_step(step)
-                with step_range():
-                    loss, logits, labels = self.pipeline.progress(batches)
-                losses.append(loss)
-                self.predictions.add(logits, labels)
-                self.progress.advance()
-                if (step + 1) % self.log_every == 0 or step + 1 == stop:
-                    self._report(step + 1, window, batches, losses)
-                    window = Window.open(step + 1, batches)
-                if self._after_step(step + 1):
-                    raise TrainingStopped(step + 1)
+        # Closed however the segment ends (a stop, an error): the prefetch thread is joined
+        # here, not left to the garbage collector at interpreter exit, where a thread still in
+        # torch's C++ aborts the process (modules/prefetch.py).
+        with closing(TimedIterator(self.data.train_batches(start, stop))) as batches:
+            window = Window.open(start, batches)
+            self.progress.start_training(start)
+            with deferred_id_range_errors(self.model):
+                for step in range(start, stop):
+                    # The fused embedding optimizer takes the new lr in zero_grad() in progress().
+                    self.schedule.set_step(step)
+                    with step_range():
+                        loss, logits, labels = self.pipeline.progress(batches)
+                    losses.append(loss)
+                    self.predictions.add(logits, labels)
+                    self.progress.advance()
+                    if (step + 1) % self.log_every == 0 or step + 1 == stop:
+                        self._report(step + 1, window, batches, losses)
+                        window = Window.open(step + 1, batches)
+                    if self._after_step(step + 1):
+                        raise TrainingStopped(step + 1)
 
     def _report(
         self, step: int, window: Window, batches: TimedIterator, losses: deque[torch.Tensor]

@@ -53,6 +53,12 @@ class TimedIterator(Iterator[T]):
         finally:
             self.seconds += time.perf_counter() - started
 
+    def close(self) -> None:
+        """Close the wrapped iterator if it can be (a generator: its ``finally`` runs now)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
 
 @dataclass
 class Window:
