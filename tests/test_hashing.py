@@ -270,7 +270,7 @@ def test_frequency_counts_are_ordered_and_deterministic():
         (dict(method="multi_hash", num_hashes=0), "num_hashes (k) must be >= 1"),
         (dict(method="qr", q=1), "q must be >= 2"),
         (dict(method="qr", q=10**10), "is above the declared id_space"),
-        (dict(method="hash", rows=2 * 10**9), "buckets is above the declared id_space"),
+        (dict(method="modulo", rows=2 * 10**9), "buckets is above the declared id_space"),
         (dict(method="multi_hash", combine="mult"), "combine='mult' is not one of sum, concat"),
         (dict(method="frequency"), "needs a non-empty list of frequent IDs"),
         (dict(method="multi_hash", importance_rows=4, ids_per_sample=3), "need one ID per sample"),
@@ -283,3 +283,9 @@ def test_bad_specs_fail_naming_the_feature(kwargs, message):
         feature("user_id", kwargs.pop("method"), rows=rows, id_space=10**9,
                 ids_per_sample=ids_per_sample, **kwargs)
     assert message in str(error.value)
+
+
+def test_hashed_methods_may_have_more_rows_than_ids():
+    """Hashed IDs land on random rows, so rows above the ID space mean fewer collisions."""
+    for method in ("hash", "multi_hash"):
+        assert feature("user_id", method, rows=2 * 10**9, id_space=10**9).num_embeddings == 2 * 10**9
