@@ -19,7 +19,9 @@ def test_data_option_alone_composes_with_its_feature_set(option):
     if option == "parquet":  # the user's own logs: paths are required
         overrides += ["data.train_path=/logs/train", "data.eval_path=/logs/eval"]
     config = compose_config(overrides)
-    assert config.features.name == FEATURE_SETS.get(option, "default")
+    # Parquet derives its features from its columns (any set fits it, so none is named).
+    expected = {"parquet": "from_data", **FEATURE_SETS}.get(option, "default")
+    assert config.features.name == expected
     assert config.data.feature_set == FEATURE_SETS.get(option)
 
 
