@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.serving.process import add_threads_option, prepare_scoring_process  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,18 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 4096])
     parser.add_argument("--batches", type=int, default=30, help="timed batches per size")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice, one per core)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    prepare_scoring_process(args.threads)
     import numpy as np
     import torch
-
-    if args.threads:
-        # On a shared machine 1 thread can be far faster: OpenMP threads of one op wait
-        # for each other when another job holds a core.
-        torch.set_num_threads(args.threads)
 
     from modules.metrics import auc
     from modules.serving.inputs import batch_inputs

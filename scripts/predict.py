@@ -12,12 +12,12 @@ and ``label`` when the input has labels; with labels it prints AUC, NE and log l
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.serving.process import add_threads_option, prepare_scoring_process  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--on-bad-row", default="fail", choices=("fail", "skip"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice, one per core)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    prepare_scoring_process(args.threads)
     import torch
-
-    if args.threads:
-        # On a shared machine 1 thread can be far faster: OpenMP threads of one op wait
-        # for each other when another job holds a core.
-        torch.set_num_threads(args.threads)
 
     from modules.serving.predict import predict
 
