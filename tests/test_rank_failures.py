@@ -43,6 +43,18 @@ def test_bad_row_on_one_rank_stops_both_under_torchrun(tmp_path):
     assert_rank_1_named_by_both(result.stderr)
 
 
+def two_plain_ranks(script: str) -> list[subprocess.Popen]:
+    """``script`` as ranks 0 and 1 of a gloo job, started without a launcher (nothing ends
+    one rank when the other fails)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    return [
+        subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+
+
 # Two plain processes: rank 1 fails and exits; rank 0 sleeps as a rank blocked in an nccl
 # collective would (the GIL released, no error of its own to come).
 WAITING_RANK = """
@@ -63,13 +75,7 @@ print("rank 0 slept through it", flush=True)
 
 
 def test_a_rank_stuck_waiting_is_ended_naming_the_failed_rank(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = [
-        subprocess.Popen([sys.executable, "-c", WAITING_RANK], env={**env, "RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
+    ranks = two_plain_ranks(WAITING_RANK)
     _, rank_1_err = ranks[1].communicate(timeout=60)
     assert ranks[1].returncode == 2, rank_1_err
     published = time.monotonic()
@@ -106,13 +112,7 @@ except Exception as error:
 
 
 def test_a_rank_that_dies_silently_is_reported_as_lost_in_one_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    ranks = [
-        subprocess.Popen([sys.executable, "-c", SILENT_DEATH], env={**env, "RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
+    ranks = two_plain_ranks(SILENT_DEATH)
     outputs = [rank.communicate(timeout=60) for rank in ranks]
     explained = outputs[0][0].strip()
     # gloo says "closed" or "reset" depending on where the read was.
