@@ -139,3 +139,21 @@ def test_a_negative_id_in_the_scoring_input_is_named(tmp_path):
         list(parquet_blocks([path], ["user_id", "item_id", "genres"], [], "label", 8, False,
                             Skipped(), {"list_columns": ["genres"]}))
     assert np.all(items[:13] >= 0)
+
+
+def test_a_null_or_non_click_label_in_the_scoring_input_is_named(tmp_path):
+    """Labels follow training's rule (0 or 1, never null): a null is not read as 0."""
+    from modules.serving.readers import Skipped, parquet_blocks
+    from modules.tabular import BadRowError
+
+    table = movielens_like(20)
+    index = table.schema.get_field_index("label")
+    labels = table.column("label").to_pylist()
+    for value, message in ((None, r"row 11: label label is null"),
+                           (4, r"row 11: label label is 4, not 0 or 1")):
+        changed = [*labels[:11], value, *labels[12:]]
+        path = write(tmp_path / "t.parquet",
+                     table.set_column(index, "label", pa.array(changed, pa.int64())))
+        with pytest.raises(BadRowError, match=message):
+            list(parquet_blocks([path], ["user_id", "item_id", "genres"], [], "label", 8,
+                                False, Skipped(), {"list_columns": ["genres"]}))

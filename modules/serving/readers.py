@@ -21,6 +21,7 @@ from modules.data_sources.parquet_columns import (
     check_schema,
     dense_column,
     id_bags,
+    label_values,
     transform_dense,
 )
 from modules.tabular import BadRowError, finite_dense_rows
@@ -130,8 +131,9 @@ def parquet_blocks(
                              (measured.get(name) or {}).get("mean"), skip, first_row)
                 for name in dense_columns
             ], axis=1) if dense_columns else np.zeros((num_rows, 0))
-            labels = (record_batch.column(label_column).fill_null(0)
-                      .to_numpy(zero_copy_only=False) if has_label else None)
+            # 0/1 as training checks them (never a null read as 0); uint8 as Criteo's.
+            labels = (label_values(record_batch.column(label_column), where, label_column,
+                                   first_row).astype(np.uint8) if has_label else None)
             good = finite_dense_rows(dense, where, dense_columns, skip, first_row)
             dropped = int((~good).sum())
             if dropped:
