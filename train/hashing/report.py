@@ -4,7 +4,7 @@ ID space and measured over every rank's eval batches (a collective)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from modules.collisions import (
 )
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
 from modules.hashing import feature_tables
-from modules.id_mapping import HashingIdMapper
+from modules.id_mapping import FREQUENT_ID_BYTES, HashingIdMapper
 from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
 from train.collectives import collective_device
 from train.sharding import OPTIMIZER_STATE_VALUES_PER_ROW
@@ -89,6 +89,28 @@ def _managed_rows(mapper: HashingIdMapper, feature: FeatureSpec, distinct_ids: t
     return num_owned + min(num_shards, distinct_ids.numel() - num_owned)
 
 
+def row_bytes(embedding_dim: int, state_values: Callable[[int], int]) -> int:
+    """One table row: its parameters and its optimizer state (float32)."""
+    return (embedding_dim + state_values(embedding_dim)) * FLOAT32_BYTES
+
+
+def feature_bytes(
+    feature: FeatureSpec, embedding_dim: int, state_values: Callable[[int], int]
+) -> int:
+    """What a feature's hashing holds: its tables (parameters + optimizer state) and the maps
+    that find rows (managed: the MCH map; frequency: its frequent IDs and their rows)."""
+    total = sum(
+        t.num_embeddings * row_bytes(t.embedding_dim, state_values)
+        for t in feature_tables(feature, embedding_dim)
+    )
+    if feature.hashing.method == "managed":  # the map: raw ID, row and eviction metadata
+        total += feature.num_embeddings * MANAGED_STATE_BYTES_PER_ROW
+    if feature.hashing.method == "frequency":
+        frequent_ids = feature.hashing.frequent_ids
+        total += frequent_ids.numel() * FREQUENT_ID_BYTES  # type: ignore[union-attr]
+    return total
+
+
 def _feature_entry(
     feature: FeatureSpec,
     embedding_dim: int,
@@ -98,13 +120,8 @@ def _feature_entry(
     mch: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     tables = feature_tables(feature, embedding_dim)
-    bytes_hashed = sum(
-        t.num_embeddings * (t.embedding_dim + state_values(t.embedding_dim)) * FLOAT32_BYTES
-        for t in tables
-    )
-    if feature.hashing.method == "managed":  # the map: raw ID, row and eviction metadata
-        bytes_hashed += feature.num_embeddings * MANAGED_STATE_BYTES_PER_ROW
-    bytes_full = feature.id_space * (embedding_dim + state_values(embedding_dim)) * FLOAT32_BYTES
+    bytes_hashed = feature_bytes(feature, embedding_dim, state_values)
+    bytes_full = feature.id_space * row_bytes(embedding_dim, state_values)
     entry: dict[str, Any] = {
         "method": feature.hashing.method,
         "id_space": feature.id_space,
