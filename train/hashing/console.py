@@ -51,14 +51,15 @@ def format_budget(
     state_values = OPTIMIZER_STATE_VALUES_PER_ROW[embedding_optimizer]
     features = {f.name: (f, g.embedding_dim) for g in groups for f in g.features}
     shares = choice.allocation.shares
-    lines = [
-        f"hashing budget {choice.key}: {len(shares)} features sized by traffic (IDs above "
-        f"{choice.allocation.threshold:.3g} lookups per sample get rows of their own, or "
-        f"hashed rows where the IDs are not known)",
-    ]
+    if all(share.full for share in shares.values()):
+        rule = "it holds the whole ID space of each"
+    else:
+        rule = (f"IDs above {choice.allocation.threshold:.3g} lookups per sample get rows of "
+                f"their own, or hashed rows where the IDs are not known")
+    lines = [f"hashing budget {choice.key}: {len(shares)} features sized by traffic ({rule})"]
     header = (
         f"{'feature':<20} {'method':<10} {'traffic from':<15} {'id space':>14} {'own rows':>10} "
-        f"{'hashed rows':>12} {'own traffic':>11} {'exp. coll.':>10} {'bytes':>12}"
+        f"{'hashed rows':>13} {'own traffic':>11} {'exp. coll.':>10} {'bytes':>15}"
     )
     lines += [header, "-" * len(header)]
     used = 0
@@ -69,9 +70,9 @@ def format_budget(
         own = feature.hashing.frequent_ids.numel() if feature.hashing.method == "frequency" else 0
         lines.append(
             f"{name:<20} {feature.hashing.method:<10} {share.feature.traffic.source:<15} "
-            f"{feature.id_space:>14,} {own:>10,} {feature.num_embeddings - own:>12,} "
+            f"{feature.id_space:>14,} {own:>10,} {feature.num_embeddings - own:>13,} "
             f"{100 * share.own_traffic / share.feature.traffic.total:>10.1f}% "
-            f"{100 * feature_expected_collision_rate(feature):>9.2f}% {size:>12,}"
+            f"{100 * feature_expected_collision_rate(feature):>9.2f}% {size:>15,}"
         )
     fixed = sum(
         feature_bytes(feature, dim, state_values)
