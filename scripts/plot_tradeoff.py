@@ -147,8 +147,34 @@ def markdown(marks: list[dict]) -> str:
         )
     seeds = ", ".join(map(str, reference["seeds"]))
     lines.append("")
-    lines.append(f"Seeds {seeds}; Bayes AUC of the eval data {reference['bayes_auc']:.4f}.")
+    lines.append(f"Seeds {seeds}; Bayes AUC of the eval data {reference['bayes_auc']:.4f}; "
+                 f"full tables {reference['bytes'] / 2**20:,.1f} MiB.")
+    lines += goal_lines(marks)
     return "\n".join(lines) + "\n"
+
+
+def goal_lines(marks: list[dict]) -> list[str]:
+    """The goal: the budget mode within 0.01 AUC of the full tables at the largest target
+    compression, with plain hashing at the same target beside it."""
+    reference = full_mark(marks)
+    budget = [m for m in marks if m["method"] == "budget"]
+    if not budget:
+        return []
+    best = max(budget, key=lambda m: m["target"])
+    gap = reference["auc"] - best["auc"]
+    full_by_seed = {run["seed"]: run["eval_auc"] for run in reference["runs"]}
+    paired = [full_by_seed[run["seed"]] - run["eval_auc"] for run in best["runs"]
+              if run["seed"] in full_by_seed]
+    worst_seed_gap = max(paired) if paired else gap
+    lines = ["", f"Goal (budget mode within 0.01 AUC of the full tables at {best['target']:g}x): "
+             f"{'met' if gap <= 0.01 else 'not met'}: {best['compression']:,.0f}x fewer bytes, "
+             f"AUC {gap:+.4f} below the full tables on average, {worst_seed_gap:+.4f} on its "
+             f"worst seed."]
+    hashed = [m for m in marks if m["method"] == "hash" and m["target"] == best["target"]]
+    if hashed:
+        lines[-1] += (f" Plain hashing at {best['target']:g}x: {hashed[0]['compression']:,.0f}x "
+                      f"fewer bytes, {reference['auc'] - hashed[0]['auc']:+.4f} below.")
+    return lines
 
 
 def plot(marks: list[dict], path: Path) -> None:
@@ -233,6 +259,23 @@ def plot_curves(marks: list[dict], path: Path) -> list[dict]:
     return chosen
 
 
+START, END = "<!-- results: start -->", "<!-- results: end -->"
+
+
+def write_table(path: Path, table: str) -> None:
+    """Put the table between the page's result markers (the page's prose stays), or write a
+    page of its own when the file has no markers."""
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = f"{before}{START}\n{table}{END}{after}"
+    else:
+        text = f"{START}\n{table}{END}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweeps", type=Path, nargs="+",
@@ -245,8 +288,7 @@ def main() -> None:
     plot(marks, args.png)
     table = markdown(marks)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+        write_table(args.markdown, table)
     print(table)
     print(f"wrote {args.png}")
     if args.curves_png:
