@@ -16,9 +16,9 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
-from modules.embeddings import fill_table_block, group_tables
+from modules.embeddings import fill_table_block
 from modules.features import FeatureGroupSpec, FeatureSpec
-from modules.hashing import check_unique_names
+from modules.hashing import check_unique_names, group_tables
 from modules.model import ClickModel, ClickModelTrain, embedding_group
 from train.config import Config, FeaturesConfig, HashingConfig, spec_values
 from train.comms import embedding_sharder

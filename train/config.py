@@ -88,10 +88,10 @@ def spec_values(config: Any, spec: type) -> dict[str, Any]:
 FeatureConfig = spec_schema(
     FeatureSpec,
     "FeatureConfig",
-    """One categorical feature; its table is named after it. Fields: those of FeatureSpec
-    (modules/features.py) but its name (the key) and ``hashing``: this feature's hashing method
-    unless hashing.features names it (null = hashing.method); e.g. none for IDs that already
-    are row numbers in [0, num_embeddings).""",
+    """One categorical feature; its table is named after it (hashing shared: after its group).
+    Fields: those of FeatureSpec (modules/features.py) but its name (the key) and ``hashing``:
+    this feature's hashing method unless hashing.features names it (null = hashing.method);
+    e.g. none for IDs that already are row numbers in [0, num_embeddings).""",
     leave_out=("name",),
     types={"hashing": Optional[str]},
     defaults={"id_space": MISSING, "num_embeddings": MISSING, "hashing": None},
@@ -166,7 +166,7 @@ class HashingConfig:
 
     name: str = MISSING
     # Method of every feature that neither hashing.features nor its feature config names:
-    # none | modulo | hash | multi_hash | qr | frequency | managed.
+    # none | modulo | hash | multi_hash | qr | frequency | managed | shared.
     method: str = "hash"
     # multi_hash: hashes (probes) per ID, k >= 1.
     num_hashes: int = 2
@@ -185,8 +185,9 @@ class HashingConfig:
     eviction_policy: str = "distance_lfu"
     # managed: training steps between admissions of the IDs seen since the last one.
     eviction_interval: int = 10
-    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps);
-    # below 1 gives hash / multi_hash features more rows than IDs (fewer collisions).
+    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps;
+    # shared features bring theirs to their group's table); below 1 gives hash / multi_hash /
+    # shared features more rows than IDs (fewer collisions).
     compression_ratio: Optional[float] = None
     # Salts every hash: another seed gives independent hash functions.
     seed: int = 0
