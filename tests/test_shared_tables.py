@@ -137,7 +137,8 @@ def test_report_counts_each_byte_once_and_the_tables_collisions_as_balls_into_bi
 
     # Bytes: the features' shares sum to what the plan places (weights and row-wise Adagrad
     # state on both ranks), table by table and for the whole job.
-    placed = {t.name: sum(t.bytes_per_rank.values()) for t in plan_for_topology(config, groups).placed}
+    plan = plan_for_topology(config, groups)
+    placed = {t.name: sum(t.bytes_per_rank.values()) for t in plan.placed}
     assert sum(entry["bytes_hashed"] for entry in report.values()) == sum(placed.values())
     for group in groups:
         table = f"{group.name}_shared"
@@ -150,14 +151,18 @@ def test_report_counts_each_byte_once_and_the_tables_collisions_as_balls_into_bi
         assert sum(report[f.name]["bytes_hashed"] for f in sharing) == placed[table]
 
     # Collisions: the (feature, ID) pairs of both features in their table's rows.
-    for group, names in (("user", ("user_id", "user_interests")), ("ad", ("ad_id", "advertiser_id"))):
+    tables = {"user": ("user_id", "user_interests"), "ad": ("ad_id", "advertiser_id")}
+    for group, names in tables.items():
         entries = [report[name] for name in names]
         pairs = sum(
-            torch.unique(torch.cat([b.sparse_features[group][name].values() for b in eval_batches])).numel()
+            torch.cat([b.sparse_features[group][name].values() for b in eval_batches])
+            .unique()
+            .numel()
             for name in names
         )
         rows = sum(report[name]["rows"] for name in names)
-        assert all(e["eval_distinct_ids"] == pairs and e["shared_by"] == list(names) for e in entries)
+        assert all(e["eval_distinct_ids"] == pairs for e in entries)
+        assert all(e["shared_by"] == list(names) for e in entries)
         expected, std = expected_occupied_bins(pairs, rows), occupied_bins_std(pairs, rows)
         # A real test: the window's pairs crowd the table (more pairs than rows).
         assert pairs > rows and std > 0

@@ -167,7 +167,11 @@ class PlanDoesNotFit(ValueError):
 
 def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
     tables = sorted(
-        ((t.num_embeddings * t.embedding_dim * FLOAT32_BYTES, t) for g in groups for t in group_tables(g)),
+        (
+            (t.num_embeddings * t.embedding_dim * FLOAT32_BYTES, t)
+            for g in groups
+            for t in group_tables(g)
+        ),
         key=lambda item: item[0],
         reverse=True,
     )[:count]
