@@ -33,10 +33,10 @@ feature ``f`` with ``R = num_embeddings`` rows:
   h(ID, salt of the feature) mod S, so the same raw ID of two features lands on independent
   rows, and rows go to whichever feature's IDs are there. The table's rows S are the sum of
   its features' ``num_embeddings`` (each feature brings the rows it would have had alone), so
-  a compression ratio or a row budget buys the same rows as for ``hash``. Its feature names
-  are the features' own keys (``f``): TorchRec pools each key on its own, so every feature
-  still gets its own pooled vector and nothing is combined. Features of different groups never
-  share (groups may have different dims). A group's table list is ``group_tables``.
+  whatever sizes the features (a compression ratio, a budget) buys the same rows as for
+  ``hash``. Its feature names are the features' own keys (``f``): TorchRec pools each key on
+  its own, so every feature still gets its own pooled vector and nothing is combined.
+  Features of different groups never share (groups may have different dims).
 
 Every table of a job comes from ``group_tables``: it is the one place that knows a shared
 table holds several features; ``feature_tables`` answers for the other methods only.
