@@ -39,6 +39,8 @@ _INT64_MAX = (1 << 63) - 1
 # Rows of the per-key parameter table.
 # _LOWER/_UPPER: the inclusive ID range a key accepts (method none only; else all of int64).
 _SALT, _USE_HASH, _MOD1, _DIV, _MOD2, _OFFSET, _LOWER, _UPPER = range(8)
+# Method frequency keeps, per frequent ID, the ID and its row (two int64 buffers below).
+FREQUENT_ID_BYTES = 16
 
 
 def _key_parameters(feature: FeatureSpec, shared_rows: int) -> list[list[int]]:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     counted = count_frequent_ids(batches, args.top)
     meta = {"features": config.features.name, "steps": args.steps, "ranks": args.ranks,
-            "batch_size": config.trainer.batch_size, "seed": config.trainer.seed}
+            "batch_size": config.trainer.batch_size, "seed": config.trainer.seed,
+            "samples": args.steps * args.ranks * config.trainer.batch_size}
     path = save_frequency_file(out, counted, meta)
     print(f"wrote {path}: " + ", ".join(f"{k} {v.numel()}" for k, v in counted["ids"].items()))
     return path

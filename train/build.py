@@ -16,6 +16,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
+from modules.budget import BudgetShare
 from modules.embeddings import fill_table_block
 from modules.features import FeatureGroupSpec, FeatureSpec
 from modules.hashing import check_unique_names, group_tables
@@ -24,6 +25,14 @@ from train.config import Config, FeaturesConfig, HashingConfig, spec_values
 from train.comms import embedding_sharder
 from train.managed_sharding import ManagedCollectionSharder
 from train.hashing import FrequencyFile, check_hashing_names, resolve_hashing
+from train.hashing.budget import (
+    BudgetChoice,
+    BudgetFacts,
+    DeclaredFeature,
+    choose_within_budget,
+    has_budget,
+)
+from train.hashing.resolve import is_pinned
 from train.distributed import DistributedContext
 from train.memory_caps import MemoryCaps, local_memory_caps
 from train.optimizers import combined_optimizer, embedding_optimizer
@@ -41,53 +50,110 @@ from train.tables import local_table_blocks
 
 
 def feature_groups(
-    config: FeaturesConfig, hashing: HashingConfig | None = None
+    config: FeaturesConfig,
+    hashing: HashingConfig | None = None,
+    facts: BudgetFacts | None = None,
 ) -> list[FeatureGroupSpec]:
     """The feature set as specs: listed groups first, then generated tables.
 
     ``hashing`` picks each feature's hashing method and may resize its table
     (``hashing.compression_ratio``); None keeps the baseline, modulo into num_embeddings rows.
+    With a memory budget (``hashing.budget_bytes``) the features the config does not pin get
+    the method and rows the budget chooses, which needs the job's ``facts``.
     """
     frequency_file = FrequencyFile(hashing.frequency_file if hashing is not None else None)
+    choice = budget_choice(config, hashing, facts, frequency_file)
 
-    def spec(name: str, feature, feature_method: str | None) -> FeatureSpec:
-        """The one conversion of a feature's config (FeatureConfig or GeneratedTablesConfig)
-        to its spec, which checks it."""
-        rows, hashing_spec = resolve_hashing(
-            hashing, name, feature.id_space, feature.num_embeddings, feature_method, frequency_file
-        )
-        values = spec_values(feature, FeatureSpec)
-        values.update(name=name, num_embeddings=rows, hashing=hashing_spec)
-        return FeatureSpec(**values)
+    shares = choice.allocation.shares if choice is not None else {}
+    specs = [
+        (feature, _feature_spec(feature, hashing, frequency_file, shares.get(feature.name)))
+        for feature in declared_features(config)
+    ]
 
-    groups = []
-    for group_name, group in config.groups.items():
-        features = tuple(
-            spec(feature_name, feature, feature.hashing)
-            for feature_name, feature in group.features.items()
+    def members(group_name: str, generated: bool) -> tuple[FeatureSpec, ...]:
+        return tuple(
+            s for f, s in specs
+            if f.group == group_name and (f.config is config.generated) == generated
         )
-        groups.append(
-            FeatureGroupSpec(group_name, group.embedding_dim or config.embedding_dim, features)
-        )
-    generated = config.generated
-    if generated.num_tables > 0:
-        per_group: list[list[FeatureSpec]] = [[] for _ in range(generated.num_groups)]
-        width = len(str(generated.num_tables - 1))
-        for index in range(generated.num_tables):
-            per_group[index % generated.num_groups].append(
-                spec(f"t{index:0{width}d}", generated, None)
+
+    groups = [
+        FeatureGroupSpec(name, group.embedding_dim or config.embedding_dim, members(name, False))
+        for name, group in config.groups.items()
+    ]
+    for index in range(config.generated.num_groups if config.generated.num_tables else 0):
+        if members(f"g{index}", True):
+            groups.append(
+                FeatureGroupSpec(f"g{index}", config.embedding_dim, members(f"g{index}", True))
             )
-        groups.extend(
-            FeatureGroupSpec(f"g{index}", config.embedding_dim, tuple(features))
-            for index, features in enumerate(per_group)
-            if features
-        )
     if not groups:
         raise ValueError(f"features={config.name} declares no feature groups")
     if hashing is not None:
         check_hashing_names(hashing, [f.name for g in groups for f in g.features])
     check_unique_names(groups)
     return groups
+
+
+def declared_features(config: FeaturesConfig) -> list[DeclaredFeature]:
+    """Every feature of the set in canonical order: listed groups, then the generated tables
+    t000, t001... dealt over groups g0, g1..."""
+    declared = [
+        DeclaredFeature(name, group_name, group.embedding_dim or config.embedding_dim, feature,
+                        feature.hashing)
+        for group_name, group in config.groups.items()
+        for name, feature in group.features.items()
+    ]
+    generated = config.generated
+    width = len(str(generated.num_tables - 1))
+    by_group = sorted(range(generated.num_tables), key=lambda i: (i % generated.num_groups, i))
+    declared += [
+        DeclaredFeature(f"t{index:0{width}d}", f"g{index % generated.num_groups}",
+                        config.embedding_dim, generated, None)
+        for index in by_group
+    ]
+    return declared
+
+
+def budget_choice(
+    config: FeaturesConfig,
+    hashing: HashingConfig | None,
+    facts: BudgetFacts | None,
+    frequency_file: FrequencyFile | None = None,
+) -> BudgetChoice | None:
+    """What ``hashing.budget_bytes`` buys for this feature set (None: no budget). The pinned
+    features are resolved as without a budget and paid for first."""
+    if not has_budget(hashing):
+        return None
+    assert hashing is not None
+    if facts is None:
+        raise ValueError(
+            "hashing.budget_bytes needs the job's embedding optimizer, world size and data "
+            "source, which this tool does not pass: run it without a hashing budget"
+        )
+    frequency_file = frequency_file or FrequencyFile(hashing.frequency_file)
+    declared = declared_features(config)
+    pinned = {
+        feature.name: _feature_spec(feature, hashing, frequency_file)
+        for feature in declared
+        if is_pinned(hashing, feature.name, feature.method)
+    }
+    return choose_within_budget(hashing, facts, declared, pinned, frequency_file)
+
+
+def _feature_spec(
+    feature: DeclaredFeature,
+    hashing: HashingConfig | None,
+    frequency_file: FrequencyFile,
+    share: BudgetShare | None = None,
+) -> FeatureSpec:
+    """The one conversion of a feature's config (FeatureConfig or GeneratedTablesConfig) to
+    its spec, which checks it; ``share``: what a hashing budget chose for it."""
+    rows, hashing_spec = resolve_hashing(
+        hashing, feature.name, feature.config.id_space, feature.config.num_embeddings,
+        feature.method, frequency_file, share,
+    )
+    values = spec_values(feature.config, FeatureSpec)
+    values.update(name=feature.name, num_embeddings=rows, hashing=hashing_spec)
+    return FeatureSpec(**values)
 
 
 def build_click_model(

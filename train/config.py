@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from modules.budget import parse_bytes
 from modules.criteo import CATEGORICAL_NAMES as CRITEO_CATEGORICAL_NAMES
 from modules.criteo import NUM_DENSE as CRITEO_NUM_DENSE
 from modules.features import FeatureSpec, check_hashing_option
@@ -158,6 +159,9 @@ class FeatureHashingConfig:
     num_frequent: Optional[int] = None
     eviction_policy: Optional[str] = None
     eviction_interval: Optional[int] = None
+    # Rows of the feature's table, over its feature config's num_embeddings and
+    # hashing.compression_ratio; with a budget, it pins the feature (as method does).
+    num_embeddings: Optional[int] = None
 
 
 @dataclass
@@ -189,6 +193,18 @@ class HashingConfig:
     # shared features bring theirs to their group's table); below 1 gives hash / multi_hash /
     # shared features more rows than IDs (fewer collisions).
     compression_ratio: Optional[float] = None
+    # A memory budget instead (modules/budget.py: every row earns the same traffic): bytes of
+    # all tables (parameters + optimizer state + ID maps), as an int or with a unit (86kB,
+    # 2GiB); hashrec chooses each feature's method (hash or frequency) and rows from the
+    # declared ID spaces and, where hashing.frequency_file lists a feature, its measured
+    # frequencies. Features whose method or rows are pinned (their feature config's
+    # hashing key, hashing.features.<f>.method or .num_embeddings) keep them and are paid
+    # first; hashing.method and num_frequent do not apply to the others.
+    budget_bytes: Any = None
+    # The same per rank: the budget is this times the world size (plan_only: the
+    # plan_topology's). How a rank's share comes out depends on the sharding plan (row-wise
+    # splits a table evenly; table-wise places whole tables), which the job prints.
+    budget_bytes_per_rank: Any = None
     # Salts every hash: another seed gives independent hash functions.
     seed: int = 0
     # Per-feature overrides: feature name -> fields of FeatureHashingConfig, e.g.
@@ -203,6 +219,7 @@ class HashingConfig:
             raise ValueError(
                 f"hashing.compression_ratio must be > 0, got {self.compression_ratio}"
             )
+        self._check_budget()
         known = {f.name for f in dataclasses.fields(FeatureHashingConfig)}
         for name, override in list(self.features.items()):
             if isinstance(override, str):  # +hashing.features.user_id=qr: just the method
@@ -214,6 +231,28 @@ class HashingConfig:
                 )
             self.features[name] = FeatureHashingConfig(**override)
             _check_hashing_values(f"hashing.features.{name}", self.features[name])
+            if self.features[name].num_embeddings is not None:
+                _check_positive(f"hashing.features.{name}.num_embeddings",
+                                self.features[name].num_embeddings)
+
+    def _check_budget(self) -> None:
+        """At most one budget, in whole bytes (stored as an int), and no compression ratio."""
+        keys = [key for key in ("budget_bytes", "budget_bytes_per_rank")
+                if getattr(self, key) is not None]
+        if len(keys) > 1:
+            raise ValueError(
+                f"hashing.budget_bytes={self.budget_bytes!r} and hashing.budget_bytes_per_rank="
+                f"{self.budget_bytes_per_rank!r} are both set: set one (the total, or the bytes "
+                f"per rank times the world size)"
+            )
+        for key in keys:
+            setattr(self, key, parse_bytes(f"hashing.{key}", getattr(self, key)))
+            if self.compression_ratio is not None:
+                raise ValueError(
+                    f"hashing.{key}={getattr(self, key)} and hashing.compression_ratio="
+                    f"{self.compression_ratio:g} both size the tables: set "
+                    f"hashing.compression_ratio=null to size them by the budget"
+                )
 
 
 @dataclass

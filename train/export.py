@@ -43,6 +43,7 @@ from modules.serving.schema import FORMAT, SCHEMA_FILE
 from train.build import build_click_model, feature_groups
 from train.checkpoint import META, check_intact, checkpoint_root, complete_checkpoints
 from train.config import Config, register_configs
+from train.hashing.budget import budget_facts
 from train.hashing.fingerprint import first_difference, hashing_fingerprints
 from train.parquet_features import (
     STATISTICS_FILE,
@@ -134,10 +135,10 @@ def run_statistics(config: Config, run_dir: Path) -> dict | None:
     return statistics
 
 
-def _groups(config: Config, run_dir: Path) -> list[FeatureGroupSpec]:
-    """Feature groups as training built them (derived from the saved statistics for
-    features=from_data). A relative frequency file is looked for from here, then from the
-    run directory and its parents (training's working directory)."""
+def _groups(config: Config, run_dir: Path, world_size: int = 1) -> list[FeatureGroupSpec]:
+    """Feature groups as training built them on ``world_size`` ranks (derived from the saved
+    statistics for features=from_data). A relative frequency file is looked for from here,
+    then from the run directory and its parents (training's working directory)."""
     run_statistics(config, run_dir)
     frequency_file = config.hashing.frequency_file
     relative = frequency_file and not Path(frequency_file).is_absolute()
@@ -147,7 +148,8 @@ def _groups(config: Config, run_dir: Path) -> list[FeatureGroupSpec]:
                 config.hashing.frequency_file = str(base / frequency_file)
                 break
     try:
-        return feature_groups(config.features, config.hashing)
+        # A hashing budget per rank sized the tables for the world size trained on.
+        return feature_groups(config.features, config.hashing, budget_facts(config, world_size))
     except ValueError as error:
         raise ExportError(str(error)) from None
 
@@ -347,7 +349,8 @@ def export(source: Path, out: Path, precision: str = "fp32") -> Exported:
         raise ExportError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
     run_dir, checkpoint = find_checkpoint(source)
     config, config_text = load_run_config(run_dir)
-    groups = _groups(config, run_dir)
+    trained_on = int(json.loads((checkpoint / META).read_text()).get("world_size", 1))
+    groups = _groups(config, run_dir, trained_on)
     model, meta, metadata = gather(config, groups, checkpoint)
     with torch.no_grad():
         serving, tables = serving_model(model, groups, metadata, precision)

@@ -18,6 +18,7 @@ from modules.prefetch import pin_batches_for, prefetched
 from modules.tabular import BadRowError
 from train.build import (
     ShardedJob,
+    budget_choice,
     build_sharded_job,
     dense_autocast,
     feature_groups,
@@ -32,12 +33,14 @@ from train.cpu_affinity import pin_local_rank
 from train.distributed import (
     DistributedContext,
     LaunchError,
+    detect_launch,
     init_distributed,
     shutdown_distributed,
 )
 from train.eval_hooks import FixedEvalMetrics, HashingReportHook
 from train.data import build_data_source
-from train.hashing import format_hashing
+from train.hashing import format_budget, format_hashing
+from train.hashing.budget import BudgetFacts, budget_facts
 from train.loop import (
     DataFeed,
     Reporting,
@@ -137,9 +140,27 @@ def validated(cfg: DictConfig | Config) -> tuple[Config, list | None]:
         config = to_config(cfg)
         if derives_features(config):
             return config, None
-        return config, feature_groups(config.features, config.hashing)
+        return config, feature_groups(config.features, config.hashing, job_budget_facts(config))
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def job_budget_facts(config: Config, world_size: int | None = None) -> BudgetFacts:
+    """What a hashing budget needs of the job; the world size: the plan_only target's, else
+    the launched one (read from the launcher's environment before any process group)."""
+    world_size = config.plan_topology.world_size or world_size or detect_launch().world_size
+    return budget_facts(config, world_size)
+
+
+def say_budget(config: Config, groups, world_size: int, say) -> None:
+    """Rank 0 prints what a hashing budget chose (nothing without a budget)."""
+    try:
+        choice = budget_choice(config.features, config.hashing,
+                               job_budget_facts(config, world_size))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if choice is not None:
+        say(format_budget(choice, groups, config.optim.embedding))
 
 
 def data_statistics_and_features(
@@ -156,7 +177,7 @@ def data_statistics_and_features(
         if groups is None:
             config.features = derived_features(config, statistics)
             say(describe(statistics, config.features))
-            groups = feature_groups(config.features, config.hashing)
+            groups = feature_groups(config.features, config.hashing, job_budget_facts(config))
     except (ValueError, OSError) as error:  # bad schema, bad rows, no rows, missing paths
         raise ConfigError(str(error)) from None
     return groups, statistics
@@ -202,6 +223,7 @@ def _plan_target(
         f"hashrec: planning features={config.features.name} for {target.world_size} x "
         f"{target.compute_device} ranks ({min(target.local_world_size, target.world_size)} per host)"
     )
+    say_budget(config, groups, target.world_size, say)
     try:
         plan = plan_for_topology(config, groups)
     except ValueError as error:  # PlanDoesNotFit included
@@ -251,6 +273,7 @@ def _run(
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
+    say_budget(config, groups, context.world_size, say)
     try:  # one job at a time in a run directory, held until run() ends
         on_rank_zero(take_run_lock, run_dir)
     except RunDirInUse as error:

@@ -11,7 +11,7 @@ features, which every entry of the table repeats (with ``shared_by``, the featur
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from modules.collisions import (
 )
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
 from modules.hashing import feature_tables, shared_features, shared_table_name
-from modules.id_mapping import HashingIdMapper
+from modules.id_mapping import FREQUENT_ID_BYTES, HashingIdMapper
 from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
 from train.collectives import collective_device
 from train.sharding import OPTIMIZER_STATE_VALUES_PER_ROW
@@ -104,9 +104,28 @@ def _managed_rows(mapper: HashingIdMapper, feature: FeatureSpec, distinct_ids: t
     return num_owned + min(num_shards, distinct_ids.numel() - num_owned)
 
 
-def _bytes_per_row(embedding_dim: int, state_values) -> int:
-    """Parameters plus optimizer state of one table row."""
+def row_bytes(embedding_dim: int, state_values: Callable[[int], int]) -> int:
+    """One table row: its parameters and its optimizer state (float32)."""
     return (embedding_dim + state_values(embedding_dim)) * FLOAT32_BYTES
+
+
+def feature_bytes(
+    feature: FeatureSpec, embedding_dim: int, state_values: Callable[[int], int]
+) -> int:
+    """What a feature's hashing holds: its tables (parameters + optimizer state) and the maps
+    that find rows (managed: the MCH map; frequency: its frequent IDs and their rows)."""
+    if feature.hashing.method == "shared":  # its rows of the group's shared table
+        return feature.num_embeddings * row_bytes(embedding_dim, state_values)
+    total = sum(
+        t.num_embeddings * row_bytes(t.embedding_dim, state_values)
+        for t in feature_tables(feature, embedding_dim)
+    )
+    if feature.hashing.method == "managed":  # the map: raw ID, row and eviction metadata
+        total += feature.num_embeddings * MANAGED_STATE_BYTES_PER_ROW
+    if feature.hashing.method == "frequency":
+        frequent_ids = feature.hashing.frequent_ids
+        total += frequent_ids.numel() * FREQUENT_ID_BYTES  # type: ignore[union-attr]
+    return total
 
 
 def _entry(
@@ -118,7 +137,7 @@ def _entry(
     expected_collision_rate: float,
 ) -> dict[str, Any]:
     """The fields every entry has; the eval window's are filled in by the caller."""
-    bytes_full = feature.id_space * _bytes_per_row(embedding_dim, state_values)
+    bytes_full = feature.id_space * row_bytes(embedding_dim, state_values)
     return {
         "method": feature.hashing.method,
         "id_space": feature.id_space,
@@ -163,7 +182,7 @@ def _shared_entry(
     entry = _entry(
         feature, group.embedding_dim, state_values,
         {shared_table_name(group.name): feature.num_embeddings},
-        feature.num_embeddings * _bytes_per_row(group.embedding_dim, state_values),
+        feature.num_embeddings * row_bytes(group.embedding_dim, state_values),
         shared_expected_collision_rate(sharing),
     )
     entry["shared_by"] = [f.name for f in sharing]
@@ -186,14 +205,10 @@ def _feature_entry(
     mch: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     tables = feature_tables(feature, embedding_dim)
-    bytes_hashed = sum(
-        t.num_embeddings * _bytes_per_row(t.embedding_dim, state_values) for t in tables
-    )
-    if feature.hashing.method == "managed":  # the map: raw ID, row and eviction metadata
-        bytes_hashed += feature.num_embeddings * MANAGED_STATE_BYTES_PER_ROW
     entry = _entry(
         feature, embedding_dim, state_values, {t.name: t.num_embeddings for t in tables},
-        bytes_hashed, feature_expected_collision_rate(feature),
+        feature_bytes(feature, embedding_dim, state_values),
+        feature_expected_collision_rate(feature),
     )
     if distinct_ids is not None and distinct_ids.numel() > 0:
         if feature.hashing.method == "none":
