@@ -9,16 +9,18 @@
 #   4. the budget mode at the full tables' bytes / ratio.
 # Each sweep writes multirun/tradeoff/seed<S>/<part>/results.csv (train/sweep_results.py);
 # scripts/plot_tradeoff.py reads them all: docs/tradeoff.png, docs/tradeoff_curves.png and
-# docs/tradeoff.md.
+# docs/tradeoff.md. STEPS, OUT and DOCS (default docs) may be set for a quick dry run; seeds
+# may run side by side (SEEDS=0 ... & SEEDS=1 ... &), each replacing only its own folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-0 1 2}
 RATIOS=${RATIOS:-100,1000}
-STEPS=$($PY -c "import yaml; print(yaml.safe_load(open('conf/experiment/tradeoff.yaml'))['trainer']['steps'])")
-OUT=multirun/tradeoff
-rm -rf "$OUT"
+STEPS=${STEPS:-$($PY -c "import yaml; print(yaml.safe_load(open('conf/experiment/tradeoff.yaml'))['trainer']['steps'])")}
+OUT=${OUT:-multirun/tradeoff}
+DOCS=${DOCS:-docs}
 for seed in $SEEDS; do
+  rm -rf "$OUT/seed$seed"
   frequencies=frequencies/tradeoff_seed$seed.pt
   common=(experiment=tradeoff trainer.seed=$seed hashing.frequency_file=$frequencies "$@")
   $PY scripts/count_frequencies.py --steps "$STEPS" --top 100000000 --out "$frequencies" \
@@ -38,5 +40,5 @@ EOF
   $PY -m train -m "${common[@]}" hashing.budget_bytes=$budgets \
     hydra.sweep.dir=$OUT/seed$seed/budget
 done
-$PY scripts/plot_tradeoff.py $OUT --png docs/tradeoff.png --curves-png docs/tradeoff_curves.png \
-  --markdown docs/tradeoff.md
+$PY scripts/plot_tradeoff.py $OUT --png $DOCS/tradeoff.png --curves-png $DOCS/tradeoff_curves.png \
+  --markdown $DOCS/tradeoff.md

@@ -149,7 +149,7 @@ def _feature_spec(
     its spec, which checks it; ``share``: what a hashing budget chose for it."""
     rows, hashing_spec = resolve_hashing(
         hashing, feature.name, feature.config.id_space, feature.config.num_embeddings,
-        feature.method, frequency_file, share,
+        feature.method, frequency_file, share, feature.config.ids_per_sample,
     )
     values = spec_values(feature.config, FeatureSpec)
     values.update(name=feature.name, num_embeddings=rows, hashing=hashing_spec)

@@ -178,10 +178,16 @@ class HashingConfig:
     combine: Optional[str] = None
     # multi_hash: rows of the learned importance-weight table (0 = plain multi-hash).
     importance_rows: int = 0
+    # multi_hash, where importance_rows is 0: features with one ID per sample get
+    # ceil(share x their rows) importance-weight rows (0 = none), so the weights follow the
+    # tables when a compression ratio or budget resizes them.
+    importance_share: float = 0.0
     # qr: remainder-table rows q >= 2; 0 = ceil(id_space / num_embeddings) (quotient ~ R rows).
     q: int = 0
-    # frequency: IDs with own rows; null = all the file lists, up to half the feature's rows.
+    # frequency: IDs with own rows; null = all the file lists, up to frequent_share of the
+    # feature's rows (and never all of them: one row at least stays for the other IDs).
     num_frequent: Optional[int] = None
+    frequent_share: float = 0.5
     # frequency: file written by scripts/count_frequencies.py (feature -> IDs, most frequent first).
     frequency_file: Optional[str] = None
     # managed: which IDs keep their rows when new ones arrive: distance_lfu (counts decayed by
@@ -218,6 +224,12 @@ class HashingConfig:
         if self.compression_ratio is not None and self.compression_ratio <= 0:
             raise ValueError(
                 f"hashing.compression_ratio must be > 0, got {self.compression_ratio}"
+            )
+        if self.importance_share < 0:
+            raise ValueError(f"hashing.importance_share must be >= 0, got {self.importance_share}")
+        if not 0 < self.frequent_share <= 1:
+            raise ValueError(
+                f"hashing.frequent_share must be in (0, 1], got {self.frequent_share}"
             )
         self._check_budget()
         known = {f.name for f in dataclasses.fields(FeatureHashingConfig)}
