@@ -199,7 +199,8 @@ def plan_or_explain(
             f"plan does not fit: the tables do not fit on {world_size} x {compute_device} ranks "
             f"({format_bytes(caps.device_bytes)} device, {format_bytes(caps.host_bytes)} host "
             f"memory each): {first_line}. Largest tables: {_largest_tables(groups)}. Hash them "
-            f"into fewer rows (hashing config) or plan for more ranks (plan_topology.world_size)."
+            f"into fewer rows (hashing config, e.g. a smaller hashing.budget_bytes_per_rank) or "
+            f"plan for more ranks (plan_topology.world_size)."
         ) from None
 
 
