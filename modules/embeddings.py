@@ -11,22 +11,12 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 
 from modules.features import FeatureGroupSpec
 from modules.hash_functions import hash64, seed_salt, uniform_from_hash
-from modules.hashing import TableSpec, feature_tables
+from modules.hashing import tables_with_features
 from modules.managed_collisions import managed_collection
 
 # Values initialised per chunk: small enough that the ~15 elementwise passes of the hash stay
 # in cache (13x faster than 16M-value chunks on the dev machine) and memory stays bounded.
 _INIT_CHUNK_VALUES = 1 << 18
-
-
-def group_tables(group: FeatureGroupSpec) -> list[TableSpec]:
-    """The group's tables in feature order: one per feature, or several where its hashing
-    method says so (``f_q``/``f_r`` for QR, ``f_weights`` for importance weights)."""
-    return [
-        table
-        for feature in group.features
-        for table in feature_tables(feature, group.embedding_dim)
-    ]
 
 
 def managed_feature_names(group: FeatureGroupSpec) -> list[str]:
@@ -35,8 +25,9 @@ def managed_feature_names(group: FeatureGroupSpec) -> list[str]:
 
 
 def table_configs(group: FeatureGroupSpec, managed: bool | None = None) -> list[EmbeddingBagConfig]:
-    """Sum-pooled TorchRec tables; a table read by several keys (multi-hash probes) is one
-    table with several feature names, TorchRec's way of sharing a table.
+    """Sum-pooled TorchRec tables (``group_tables``); a table read by several keys (multi-hash
+    probes, the features of a shared table) is one table with several feature names,
+    TorchRec's way of sharing a table, which pools each key on its own.
 
     ``managed``: True = only the managed features' tables, False = only the others, None = all.
     """
@@ -48,9 +39,8 @@ def table_configs(group: FeatureGroupSpec, managed: bool | None = None) -> list[
             feature_names=list(table.feature_names),
             pooling=PoolingType.SUM,
         )
-        for feature in group.features
-        if managed is None or (feature.hashing.method == "managed") == managed
-        for table in feature_tables(feature, group.embedding_dim)
+        for table, features in tables_with_features(group)
+        if managed is None or (features[0].hashing.method == "managed") == managed
     ]
 
 

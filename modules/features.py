@@ -21,13 +21,13 @@ import torch
 FLOAT32_BYTES = 4
 
 # Hashing methods (modules/hashing.py describes each), and their options' allowed values.
-METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed")
+METHODS = ("none", "modulo", "hash", "multi_hash", "qr", "frequency", "managed", "shared")
 EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")  # managed: which IDs keep their rows
 COMBINES = {"multi_hash": ("sum", "concat"), "qr": ("mult", "sum", "concat")}
 DEFAULT_COMBINE = {"multi_hash": "sum", "qr": "mult"}
 ALL_COMBINES = ("sum", "concat", "mult")
 # Methods whose tables may have more rows than the ID space (fewer collisions).
-ROWS_ABOVE_ID_SPACE = ("hash", "multi_hash")
+ROWS_ABOVE_ID_SPACE = ("hash", "multi_hash", "shared")
 
 
 def check_hashing_option(where: str, option: str, value: Any) -> None:
@@ -106,7 +106,8 @@ class FeatureSpec:
         scramble_ids: synthetic data only: emit IDs as scrambled 63-bit values (as real hashed
             IDs look) instead of 0..id_space-1.
         hashing: how raw IDs reach rows (modules/hashing.py); the tables it implies may be
-            named after the feature (``name``, ``name_q``/``name_r``, ``name_weights``).
+            named after the feature (``name``, ``name_q``/``name_r``, ``name_weights``) or,
+            for method shared, after its group (``<group>_shared``).
     """
 
     name: str
@@ -133,7 +134,7 @@ class FeatureSpec:
                        "eviction_interval"):
             check_hashing_option(f"{where}.{option}", option, getattr(spec, option))
         # Hashed IDs land on random rows: more rows than IDs means fewer collisions, so
-        # hash and multi_hash may have them (the hashing report says so); methods that
+        # hash, multi_hash and shared may have them (the hashing report says so); methods that
         # place IDs by value never use the extra rows.
         if spec.method not in ("qr", *ROWS_ABOVE_ID_SPACE) and self.num_embeddings > self.id_space:
             raise ValueError(

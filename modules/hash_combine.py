@@ -3,7 +3,7 @@
 The EmbeddingBagCollection pools every mapped key on its own (sum over the bag); this module
 turns those per-key vectors back into one vector per feature, in the group's feature order:
 
-* one key (none / modulo / hash / frequency): the pooled vector as it is;
+* one key (none / modulo / hash / frequency / shared): the pooled vector as it is;
 * multi_hash: sum or concat of the k probes, each probe scaled by 1 + its learned importance
   weight when the feature has an importance table;
 * qr: quotient and remainder vectors multiplied, summed or concatenated (after pooling, as

@@ -28,12 +28,25 @@ feature ``f`` with ``R = num_embeddings`` rows:
   and the rest share the last row of each rank's shard (``modules/managed_collisions.py``).
   Table ``f``, key ``f``, in a ManagedCollisionEmbeddingBagCollection that TorchRec shards
   row-wise only.
+* ``shared``: every feature of a group with this method hashes into ONE table of the group,
+  ``<group>_shared`` (unified embedding / feature multiplexing, Coleman et al. 2023): row =
+  h(ID, salt of the feature) mod S, so the same raw ID of two features lands on independent
+  rows, and rows go to whichever feature's IDs are there. The table's rows S are the sum of
+  its features' ``num_embeddings`` (each feature brings the rows it would have had alone), so
+  whatever sizes the features (a compression ratio, a budget) buys the same rows as for
+  ``hash``. Its feature names are the features' own keys (``f``): TorchRec pools each key on
+  its own, so every feature still gets its own pooled vector and nothing is combined.
+  Features of different groups never share (groups may have different dims).
+
+Every table of a job comes from ``group_tables``: it is the one place that knows a shared
+table holds several features; ``feature_tables`` answers for the other methods only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from modules.features import FeatureGroupSpec, FeatureSpec, all_features, qr_remainder_rows
 
@@ -63,9 +76,33 @@ def probe_key(feature_name: str, index: int) -> str:
     return f"{feature_name}#h{index}"
 
 
+def shared_table_name(group_name: str) -> str:
+    """The name of a group's shared table."""
+    return f"{group_name}_shared"
+
+
+def shared_features(features: Sequence[FeatureSpec]) -> list[FeatureSpec]:
+    """The features (of one group) with method shared, in feature order: one table's features."""
+    return [feature for feature in features if feature.hashing.method == "shared"]
+
+
+def shared_table_rows(features: Sequence[FeatureSpec]) -> int:
+    """Rows of the shared table of a group with these features: the sum of the shared
+    features' ``num_embeddings`` (0 when none shares)."""
+    return sum(feature.num_embeddings for feature in shared_features(features))
+
+
 def feature_tables(feature: FeatureSpec, embedding_dim: int) -> list[TableSpec]:
-    """The tables a feature needs, in the order their keys appear in the mapped KJT."""
+    """The tables a feature needs, in the order their keys appear in the mapped KJT.
+
+    A feature with method shared owns no table (its rows are in its group's): ask
+    ``group_tables``."""
     spec, name = feature.hashing, feature.name
+    if spec.method == "shared":
+        raise ValueError(
+            f"feature {name}: hashing shared puts its rows into its group's table; "
+            f"group_tables lists it"
+        )
     if spec.method == "multi_hash":
         keys = tuple(probe_key(name, i) for i in range(spec.num_hashes))
         tables = [TableSpec(name, feature.num_embeddings, embedding_dim, keys)]
@@ -88,8 +125,52 @@ def feature_tables(feature: FeatureSpec, embedding_dim: int) -> list[TableSpec]:
     return [TableSpec(name, feature.num_embeddings, embedding_dim, (name,))]
 
 
+def group_tables(group: FeatureGroupSpec) -> list[TableSpec]:
+    """The group's tables in feature order: one per feature, or several where its hashing
+    method says so (``f_q``/``f_r`` for QR, ``f_weights`` for importance weights), and the
+    group's shared table, if any of its features is shared, where the first of them is."""
+    return [table for table, _ in tables_with_features(group)]
+
+
+def tables_with_features(
+    group: FeatureGroupSpec,
+) -> list[tuple[TableSpec, tuple[FeatureSpec, ...]]]:
+    """``group_tables``, each with the features whose IDs it holds (several only for the
+    shared table)."""
+    sharing = tuple(shared_features(group.features))
+    tables: list[tuple[TableSpec, tuple[FeatureSpec, ...]]] = []
+    for feature in group.features:
+        if feature.hashing.method != "shared":
+            tables += [(t, (feature,)) for t in feature_tables(feature, group.embedding_dim)]
+        elif feature is sharing[0]:
+            table = TableSpec(
+                shared_table_name(group.name),
+                shared_table_rows(group.features),
+                group.embedding_dim,
+                tuple(f.name for f in sharing),
+            )
+            tables.append((table, sharing))
+    return tables
+
+
+def table_order(features: Sequence[FeatureSpec]) -> list[int]:
+    """Indices of a group's ``features`` in the order their keys appear in ``group_tables``:
+    feature order, except that the shared features sit together, where the first of them is."""
+    sharing = [i for i, f in enumerate(features) if f.hashing.method == "shared"]
+    order: list[int] = []
+    for index, feature in enumerate(features):
+        if feature.hashing.method != "shared":
+            order.append(index)
+        elif index == sharing[0]:
+            order += sharing
+    return order
+
+
 def feature_keys(feature: FeatureSpec) -> list[str]:
-    """The mapped KJT keys of a feature, in table order."""
+    """The mapped KJT keys of a feature, in table order (shared: the feature's name, one of
+    its group table's feature names)."""
+    if feature.hashing.method == "shared":
+        return [feature.name]
     return [key for table in feature_tables(feature, 1) for key in table.feature_names]
 
 
@@ -102,9 +183,10 @@ def feature_output_dim(feature: FeatureSpec, embedding_dim: int) -> int:
 
 
 def feature_rows(feature: FeatureSpec) -> int:
-    """Rows over all of a feature's tables."""
+    """Rows over all of a feature's tables (shared: the rows it brings to its group's)."""
+    if feature.hashing.method == "shared":
+        return feature.num_embeddings
     return sum(table.num_embeddings for table in feature_tables(feature, 1))
-
 
 
 def check_unique_names(groups: list[FeatureGroupSpec]) -> None:
@@ -114,16 +196,23 @@ def check_unique_names(groups: list[FeatureGroupSpec]) -> None:
         if feature.name in seen:
             raise ValueError(f"feature {feature.name} is declared twice")
         seen.add(feature.name)
-    tables: dict[str, str] = {}
-    for group in groups:
-        for feature in group.features:
-            for table in feature_tables(feature, group.embedding_dim):
-                if table.name in tables:
-                    raise ValueError(
-                        f"table {table.name} (of feature {feature.name}) clashes with a table of "
-                        f"feature {tables[table.name]}; rename one of the features"
-                    )
-                tables[table.name] = feature.name
     group_names = [group.name for group in groups]
     if len(set(group_names)) != len(group_names):
         raise ValueError(f"feature group names must be unique, got {group_names}")
+    tables: dict[str, str] = {}
+    for group in groups:
+        for table, features in tables_with_features(group):
+            owner = _owner(group, features)
+            if table.name in tables:
+                raise ValueError(
+                    f"table {table.name} (of {owner}) clashes with a table of "
+                    f"{tables[table.name]}; rename one of them"
+                )
+            tables[table.name] = owner
+
+
+def _owner(group: FeatureGroupSpec, features: tuple[FeatureSpec, ...]) -> str:
+    """Whose table it is, in words: the feature, or the group and the features sharing it."""
+    if features[0].hashing.method == "shared":
+        return f"group {group.name}, shared by features {', '.join(f.name for f in features)}"
+    return f"feature {features[0].name}"

@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from modules.features import FeatureSpec, qr_remainder_rows
 from modules.hash_functions import non_negative, seed_salt, splitmix64
-from modules.hashing import feature_keys, qr_virtual_size
+from modules.hashing import feature_keys, qr_virtual_size, shared_table_rows, table_order
 from modules.managed_collisions import MANAGED_INPUT_SPACE
 
 _INT64_MIN = -(1 << 63)
@@ -43,8 +43,9 @@ _SALT, _USE_HASH, _MOD1, _DIV, _MOD2, _OFFSET, _LOWER, _UPPER = range(8)
 FREQUENT_ID_BYTES = 16
 
 
-def _key_parameters(feature: FeatureSpec) -> list[list[int]]:
-    """One parameter column per output key of the feature (see the module docstring)."""
+def _key_parameters(feature: FeatureSpec, shared_rows: int) -> list[list[int]]:
+    """One parameter column per output key of the feature (see the module docstring);
+    ``shared_rows``: the rows of its group's shared table (method shared)."""
     spec, rows = feature.hashing, feature.num_embeddings
 
     def salt(*parts: int | str) -> int:
@@ -79,6 +80,10 @@ def _key_parameters(feature: FeatureSpec) -> list[list[int]]:
     if method == "managed":
         # Not a row yet: a 63-bit hashed ID that the MCH module behind the mapper maps to a row.
         return [column(salt(0), mod1=MANAGED_INPUT_SPACE)]
+    if method == "shared":
+        # The salt is the feature's (its name is in it): one raw ID of two features lands on
+        # two independent rows of the one table.
+        return [column(salt(0), mod1=shared_rows)]
     raise ValueError(f"feature {feature.name}: unknown hashing method {method!r}")
 
 
@@ -86,15 +91,17 @@ class HashingIdMapper(nn.Module):
     """Maps a group's KJT of raw IDs to the KJT its EmbeddingBagCollection reads.
 
     Args:
-        features: the group's features, in the input KJT's key order.
+        features: the group's features, in the input KJT's key order (all of them: the
+            shared ones together size the group's shared table).
         mapped: names of the features to map (default: all); the output holds only their
             keys. A group whose managed features sit in a collection of their own has one
             mapper per collection, each reading the group's KJT.
 
     Input: KJT with keys = the features' names, values = raw int64 IDs [sum of lengths].
     Output: KJT with keys = every feature's mapped keys in table order (a feature ``f`` with
-    method multi_hash gives ``f#h0..f#h{k-1}`` and maybe ``f#w``, qr gives ``f#q, f#r``), each
-    key carrying its source feature's lengths and int64 rows.
+    method multi_hash gives ``f#h0..f#h{k-1}`` and maybe ``f#w``, qr gives ``f#q, f#r``; shared
+    gives ``f``, rows of the group's shared table), each key carrying its source feature's
+    lengths and int64 rows.
 
     Example::
 
@@ -111,14 +118,18 @@ class HashingIdMapper(nn.Module):
         self.output_keys: list[str] = []
         source: list[int] = []
         columns: list[list[int]] = []
+        # Keys in the collection's order (its tables' feature names, concatenated), which
+        # differs from feature order when a shared table's features are not neighbours.
         features_mapped = [
-            (i, f) for i, f in enumerate(features) if mapped is None or f.name in mapped
+            (i, features[i]) for i in table_order(features)
+            if mapped is None or features[i].name in mapped
         ]
+        shared_rows = shared_table_rows(features)
         for index, feature in features_mapped:
             keys = feature_keys(feature)
             self.output_keys += keys
             source += [index] * len(keys)
-            columns += _key_parameters(feature)
+            columns += _key_parameters(feature, shared_rows)
         # Output key -> index of the input feature it reads.
         self.source_index = source
         self.expands = self.output_keys != self.input_keys

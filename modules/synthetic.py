@@ -6,8 +6,10 @@ streams. No table of IDs is stored, whatever the ID space (2^40 users is fine):
 
 * IDs: a popularity rank is drawn from a continuous Zipf-like law over [0, id_space) by
   inverse CDF, then (optionally) scrambled to a 63-bit raw ID by a bijective hash.
-* Each raw ID's hidden latent vector and bias are a row of a fixed Gaussian table picked by a
-  hash of the ID, so they are the same wherever and whenever the ID appears.
+* Each raw ID's hidden latent vector and bias are drawn from hashes of the ID itself (16 bits
+  per value, uniform with unit variance), so they are the same wherever and whenever the ID
+  appears, and two distinct IDs of a feature get distinct vectors whatever the ID space: a
+  billion users really are a billion users, up to a 2^-64 chance per pair.
 * The planted logit is factorisation-machine shaped: a bias, per-feature ID biases, all
   pairwise dot products of the features' latent vectors, and a linear term of the dense
   features. Labels are Bernoulli(sigmoid(logit)).
@@ -28,7 +30,9 @@ from modules.features import FeatureGroupSpec, FeatureSpec, all_features
 from modules.hash_functions import non_negative, seed_salt, splitmix64
 
 SPLITS = ("train", "eval")
-LATENT_SLOTS = 1 << 20
+# Each 64-bit hash of an ID gives this many latent values of 16 bits each.
+_VALUES_PER_HASH = 4
+_UNIFORM_SCALE = math.sqrt(12.0)  # a uniform on [-1/2, 1/2) times this has unit variance
 
 
 @dataclass(frozen=True)
@@ -109,15 +113,13 @@ class PlantedClickData:
         self._dense_weights = torch.randn(num_dense_features, generator=generator) / math.sqrt(
             num_dense_features
         )
-        # Each ID's hidden latent vector and bias: row hash(id) of a fixed Gaussian table.
-        # One hash and a gather per ID instead of a hash and a Box-Muller transform per value
-        # keeps generation far off the training's critical path; distinct IDs share a row only
-        # when their hashes collide in 2^20 slots, which the Bayes AUC accounts for anyway.
-        table_generator = torch.Generator().manual_seed(non_negative_seed(seed, "latent-table"))
-        self._latent_slots = LATENT_SLOTS
-        self._latent_table = torch.randn(
-            LATENT_SLOTS, self.signal.latent_dim + 1, generator=table_generator
-        )
+        # Each ID's hidden latent vector and bias come from salted hashes of the ID: one per
+        # four values (see latent_values).
+        num_values = self.signal.latent_dim + 1
+        self._latent_salts = [
+            seed_salt(seed, "latent", index)
+            for index in range(math.ceil(num_values / _VALUES_PER_HASH))
+        ]
         num_features = len(self.features)
         self._pair_norm = 1.0 / math.sqrt(max(1, num_features * (num_features - 1) // 2))
         self._bias_norm = 1.0 / math.sqrt(num_features)
@@ -171,6 +173,20 @@ class PlantedClickData:
         scrambled = non_negative(splitmix64(ranks ^ self._salt))
         return torch.where(self._scramble, scrambled, ranks)
 
+    def latent_values(self, salted_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden [latent vector, bias] of each (feature-salted) ID: float32 [T, d + 1].
+
+        Each value is 16 bits of a salted splitmix64 of the ID, as a signed int16 (centred),
+        scaled to unit variance. Distinct IDs share a vector only if all their hashes collide.
+        A table of random vectors picked by hash would be faster to read but bounds the
+        distinct vectors by its rows, whatever the ID space (the planted truth would then be
+        coarser than the hashed tables measured against it).
+        """
+        words = torch.stack([splitmix64(salted_ids ^ salt) for salt in self._latent_salts], 1)
+        # Each int64 word read as four int16s: the same bits on every little-endian machine.
+        values = words.view(torch.int16)[:, : self.signal.latent_dim + 1]
+        return (values.to(torch.float32) + 0.5).mul_(_UNIFORM_SCALE / 65536)
+
     def batch(self, split: str, rank: int, step: int) -> tuple[Batch, torch.Tensor]:
         """The batch of ``(split, rank, step)`` and its true click probabilities [B]."""
         if split not in SPLITS:
@@ -183,8 +199,7 @@ class PlantedClickData:
         latent_dim = self.signal.latent_dim
         uniforms = torch.rand(self._salt.numel(), generator=generator, dtype=torch.float64)
         raw_ids = self._raw_ids(uniforms)
-        slots = non_negative(splitmix64(raw_ids ^ self._salt)) & (self._latent_slots - 1)
-        values = torch.index_select(self._latent_table, 0, slots)  # [T, d + 1]; faster than [ ]
+        values = self.latent_values(raw_ids ^ self._salt)  # [T, d + 1]
         if not self._one_hot:  # average each sample's bag
             pooled = torch.zeros(num_features * num_samples, latent_dim + 1)
             values = pooled.index_add_(0, self._segment, values) / self._ids_per_segment

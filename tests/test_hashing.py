@@ -289,3 +289,37 @@ def test_hashed_methods_may_have_more_rows_than_ids():
     """Hashed IDs land on random rows, so rows above the ID space mean fewer collisions."""
     for method in ("hash", "multi_hash"):
         assert feature("user_id", method, rows=2 * 10**9, id_space=10**9).num_embeddings == 2 * 10**9
+
+
+def test_importance_and_frequent_shares_follow_the_resized_tables(tmp_path):
+    """hashing=multi_hash gives single-ID features ceil(share x rows) importance rows (none to
+    multi-ID ones); hashing=full gives every listed ID its own row, leaving one row over."""
+    from tests.helpers import compose_config
+    from train.build import feature_groups
+    from train.frequency_counts import save_frequency_file
+
+    def features(overrides):
+        config = compose_config([*TINY, *overrides])
+        return {f.name: f for g in feature_groups(config.features, config.hashing)
+                for f in g.features}
+
+    weighted = features(["hashing=multi_hash", "hashing.compression_ratio=1000"])
+    user_rows = weighted["user_id"].num_embeddings
+    assert weighted["user_id"].hashing.importance_rows == math.ceil(0.5 * user_rows)
+    assert weighted["user_interests"].hashing.importance_rows == 0  # 4 IDs per sample
+    plain = features(["hashing=multi_hash", "hashing.importance_share=0"])
+    assert plain["user_id"].hashing.importance_rows == 0
+
+    listed = {"user_id": torch.arange(100), "site_id": torch.arange(24)}
+    path = save_frequency_file(
+        tmp_path / "f.pt", {"ids": listed, "counts": {k: v + 1 for k, v in listed.items()}},
+        {"steps": 1, "ranks": 1, "batch_size": 1},
+    )
+    full = features(["hashing=full", f"hashing.frequency_file={path}",
+                     "+hashing.features.ad_id.method=hash",
+                     "+hashing.features.advertiser_id.method=hash",
+                     "+hashing.features.user_interests.method=hash",
+                     "+hashing.features.site_id.num_embeddings=30"])
+    assert full["user_id"].num_embeddings == full["user_id"].id_space
+    assert full["user_id"].hashing.frequent_ids.numel() == 100  # all listed
+    assert full["site_id"].hashing.frequent_ids.numel() == 24  # more than half its 30 rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from modules.embeddings import group_tables
+from modules.hashing import group_tables
 from tests.helpers import (
     TINY,
     compose_config,

@@ -20,7 +20,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from modules.embeddings import group_tables
+from modules.hashing import group_tables
 from modules.id_mapping import HashingIdMapper
 from modules.managed_collisions import MANAGED_INPUT_SPACE, admitted, mch_modules
 from tests.helpers import (

@@ -60,13 +60,13 @@ def test_two_point_sweep_writes_one_row_per_point_with_its_summary(tmp_path):
         assert not (sweep_dir / row["dir"] / "profile").exists()  # trainer.profile is off
     assert rows[0]["embedding_bytes"] != rows[1]["embedding_bytes"]
     # The trade-off plot reads the table: one point per row, the method the default hash.
-    points = load_plot_tradeoff().load_points(sweep_dir)
-    assert [(p["method"], p["ratio"]) for p in points] == [("default", 20000.0),
-                                                           ("default", 40000.0)]
+    plot_tradeoff = load_plot_tradeoff()
+    points = plot_tradeoff.load_points([sweep_dir])
+    assert [(p["method"], p["ratio"]) for p in points] == [("hash", 20000.0), ("hash", 40000.0)]
     assert [p["eval_auc"] for p in points] == [float(row["eval_auc"]) for row in rows]
-    if importlib.util.find_spec("matplotlib") is not None:  # the `plots` extra
-        load_plot_tradeoff().plot(points, tmp_path / "tradeoff.png")
-        assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    # Without the full tables' point there is no reference to compare with.
+    with pytest.raises(SystemExit, match="hashing=full"):
+        plot_tradeoff.summarise(points)
 
 
 def test_a_failed_point_ends_the_sweep_and_still_has_its_row(tmp_path):
@@ -120,4 +120,33 @@ def test_table_goes_to_an_offline_wandb_run_of_job_type_sweep(tmp_path, monkeypa
 
 def test_plot_tradeoff_refuses_a_folder_without_a_table(tmp_path):
     with pytest.raises(SystemExit, match="results.csv"):
-        load_plot_tradeoff().load_points(tmp_path)
+        load_plot_tradeoff().load_points([tmp_path])
+
+
+def test_plot_tradeoff_averages_seeds_and_measures_compression_in_bytes(tmp_path):
+    """Marks are per (method, target) over seeds; compression is full bytes / actual bytes."""
+    header = ["job_num", "status", "dir", "overrides", "hashing", "hashing.compression_ratio",
+              "hashing.budget_bytes", "trainer.seed", "samples", "steps", "eval_auc",
+              "eval_bayes_auc", "embedding_bytes", "embedding_bytes_hashed"]
+    rows = [
+        ["0", "completed", "0", "", "full", "", "", "0", "40", "4", "0.75", "0.8", "0", "1000"],
+        ["1", "completed", "1", "", "full", "", "", "1", "40", "4", "0.76", "0.8", "0", "1000"],
+        ["2", "completed", "2", "", "", "100", "", "0", "40", "4", "0.70", "0.8", "0", "8"],
+        ["3", "completed", "3", "", "", "100", "", "1", "40", "4", "0.72", "0.8", "0", "8"],
+        ["4", "completed", "4", "", "", "", "10", "0", "40", "4", "0.745", "0.8", "0", "10"],
+        ["5", "failed", "5", "", "", "", "10", "1", "", "", "", "", "", ""],
+    ]
+    with open(tmp_path / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    plot_tradeoff = load_plot_tradeoff()
+    marks = {(m["method"], m["target"]): m
+             for m in plot_tradeoff.summarise(plot_tradeoff.load_points([tmp_path]))}
+    assert set(marks) == {("full table", 1.0), ("hash", 100.0), ("budget", 100)}
+    hashed = marks[("hash", 100.0)]
+    assert (hashed["auc"], hashed["auc_min"], hashed["auc_max"]) == pytest.approx((0.71, 0.70, 0.72))
+    assert hashed["compression"] == 125.0  # 1000 bytes / 8, not the nominal 100x
+    assert marks[("budget", 100)]["seeds"] == [0]  # the failed seed is left out
+    table = plot_tradeoff.markdown(list(marks.values()))
+    assert "| hash | 100x | 125x | 0.000 MiB | 0.7100 (0.7000-0.7200) | -0.0450 | - |" in table

@@ -107,3 +107,18 @@ def test_zipf_ranks_are_skewed_and_in_range():
     assert (ranks == 0).sum() > 20 * (ranks == 100).sum()
     small = zipf_ranks(uniforms, 10, 0.3)
     assert set(small.tolist()) == set(range(10))
+
+
+def test_distinct_ids_get_distinct_hidden_vectors_beyond_a_million():
+    """A billion-user experiment must have a billion distinct users: the planted truth of
+    2^21 + 1 distinct IDs (twice what a 2^20-slot table of vectors could hold) is 2^21 + 1
+    distinct vectors, each value of unit variance around 0."""
+    planted = data(seed=3, batch_size=8)
+    ids = torch.arange((1 << 21) + 1, dtype=torch.int64) * 7919 + 12345
+    values = planted.latent_values(ids)
+    assert values.shape == (ids.numel(), planted.signal.latent_dim + 1)
+    assert torch.unique(values, dim=0).shape[0] == ids.numel()
+    # Mean within 5 standard errors of 0, variance within 1% of 1 (n = 18.9M values).
+    flat = values.double().flatten()
+    assert abs(float(flat.mean())) < 5 / flat.numel() ** 0.5
+    assert abs(float(flat.var()) - 1.0) < 0.01

@@ -16,10 +16,10 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
-from modules.embeddings import fill_table_block, group_tables
 from modules.budget import BudgetShare
+from modules.embeddings import fill_table_block
 from modules.features import FeatureGroupSpec, FeatureSpec
-from modules.hashing import check_unique_names
+from modules.hashing import check_unique_names, group_tables
 from modules.model import ClickModel, ClickModelTrain, embedding_group
 from train.config import Config, FeaturesConfig, HashingConfig, spec_values
 from train.comms import embedding_sharder
@@ -149,7 +149,7 @@ def _feature_spec(
     its spec, which checks it; ``share``: what a hashing budget chose for it."""
     rows, hashing_spec = resolve_hashing(
         hashing, feature.name, feature.config.id_space, feature.config.num_embeddings,
-        feature.method, frequency_file, share,
+        feature.method, frequency_file, share, feature.config.ids_per_sample,
     )
     values = spec_values(feature.config, FeatureSpec)
     values.update(name=feature.name, num_embeddings=rows, hashing=hashing_spec)

@@ -89,10 +89,10 @@ def spec_values(config: Any, spec: type) -> dict[str, Any]:
 FeatureConfig = spec_schema(
     FeatureSpec,
     "FeatureConfig",
-    """One categorical feature; its table is named after it. Fields: those of FeatureSpec
-    (modules/features.py) but its name (the key) and ``hashing``: this feature's hashing method
-    unless hashing.features names it (null = hashing.method); e.g. none for IDs that already
-    are row numbers in [0, num_embeddings).""",
+    """One categorical feature; its table is named after it (hashing shared: after its group).
+    Fields: those of FeatureSpec (modules/features.py) but its name (the key) and ``hashing``:
+    this feature's hashing method unless hashing.features names it (null = hashing.method);
+    e.g. none for IDs that already are row numbers in [0, num_embeddings).""",
     leave_out=("name",),
     types={"hashing": Optional[str]},
     defaults={"id_space": MISSING, "num_embeddings": MISSING, "hashing": None},
@@ -170,7 +170,7 @@ class HashingConfig:
 
     name: str = MISSING
     # Method of every feature that neither hashing.features nor its feature config names:
-    # none | modulo | hash | multi_hash | qr | frequency | managed.
+    # none | modulo | hash | multi_hash | qr | frequency | managed | shared.
     method: str = "hash"
     # multi_hash: hashes (probes) per ID, k >= 1.
     num_hashes: int = 2
@@ -178,10 +178,16 @@ class HashingConfig:
     combine: Optional[str] = None
     # multi_hash: rows of the learned importance-weight table (0 = plain multi-hash).
     importance_rows: int = 0
+    # multi_hash, where importance_rows is 0: features with one ID per sample get
+    # ceil(share x their rows) importance-weight rows (0 = none), so the weights follow the
+    # tables when a compression ratio or budget resizes them.
+    importance_share: float = 0.0
     # qr: remainder-table rows q >= 2; 0 = ceil(id_space / num_embeddings) (quotient ~ R rows).
     q: int = 0
-    # frequency: IDs with own rows; null = all the file lists, up to half the feature's rows.
+    # frequency: IDs with own rows; null = all the file lists, up to frequent_share of the
+    # feature's rows (and never all of them: one row at least stays for the other IDs).
     num_frequent: Optional[int] = None
+    frequent_share: float = 0.5
     # frequency: file written by scripts/count_frequencies.py (feature -> IDs, most frequent first).
     frequency_file: Optional[str] = None
     # managed: which IDs keep their rows when new ones arrive: distance_lfu (counts decayed by
@@ -189,8 +195,9 @@ class HashingConfig:
     eviction_policy: str = "distance_lfu"
     # managed: training steps between admissions of the IDs seen since the last one.
     eviction_interval: int = 10
-    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps);
-    # below 1 gives hash / multi_hash features more rows than IDs (fewer collisions).
+    # If set, every feature not hashed with none gets ceil(id_space / ratio) rows (sweeps;
+    # shared features bring theirs to their group's table); below 1 gives hash / multi_hash /
+    # shared features more rows than IDs (fewer collisions).
     compression_ratio: Optional[float] = None
     # A memory budget instead (modules/budget.py: every row earns the same traffic): bytes of
     # all tables (parameters + optimizer state + ID maps), as an int or with a unit (86kB,
@@ -217,6 +224,12 @@ class HashingConfig:
         if self.compression_ratio is not None and self.compression_ratio <= 0:
             raise ValueError(
                 f"hashing.compression_ratio must be > 0, got {self.compression_ratio}"
+            )
+        if self.importance_share < 0:
+            raise ValueError(f"hashing.importance_share must be >= 0, got {self.importance_share}")
+        if not 0 < self.frequent_share <= 1:
+            raise ValueError(
+                f"hashing.frequent_share must be in (0, 1], got {self.frequent_share}"
             )
         self._check_budget()
         known = {f.name for f in dataclasses.fields(FeatureHashingConfig)}

@@ -20,7 +20,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from modules.hashing import feature_tables
+from modules.hashing import group_tables, tables_with_features
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec
 from train.collectives import on_rank_zero
 
@@ -56,15 +56,15 @@ class TableInfo:
 
 
 def table_infos(groups: list[FeatureGroupSpec]) -> list[TableInfo]:
-    """The real tables (a hashed feature may have several: ``f_q``/``f_r``, ``f_weights``)."""
+    """The real tables (a hashed feature may have several: ``f_q``/``f_r``, ``f_weights``;
+    a group's shared features have one between them, ``<group>_shared``)."""
     return [
         TableInfo(
             table.name, group.name, table.num_embeddings, table.embedding_dim,
-            managed=feature.hashing.method == "managed",
+            managed=features[0].hashing.method == "managed",
         )
         for group in groups
-        for feature in group.features
-        for table in feature_tables(feature, group.embedding_dim)
+        for table, features in tables_with_features(group)
     ]
 
 
@@ -167,13 +167,17 @@ class PlanDoesNotFit(ValueError):
 
 def _largest_tables(groups: list[FeatureGroupSpec], count: int = 3) -> str:
     tables = sorted(
-        ((f.num_embeddings * g.embedding_dim * FLOAT32_BYTES, f, g) for g in groups for f in g.features),
+        (
+            (t.num_embeddings * t.embedding_dim * FLOAT32_BYTES, t)
+            for g in groups
+            for t in group_tables(g)
+        ),
         key=lambda item: item[0],
         reverse=True,
     )[:count]
     return ", ".join(
-        f"{f.name} ({f.num_embeddings:,} rows x {g.embedding_dim} = {format_bytes(size)})"
-        for size, f, g in tables
+        f"{t.name} ({t.num_embeddings:,} rows x {t.embedding_dim} = {format_bytes(size)})"
+        for size, t in tables
     )
 
 
@@ -195,7 +199,8 @@ def plan_or_explain(
             f"plan does not fit: the tables do not fit on {world_size} x {compute_device} ranks "
             f"({format_bytes(caps.device_bytes)} device, {format_bytes(caps.host_bytes)} host "
             f"memory each): {first_line}. Largest tables: {_largest_tables(groups)}. Hash them "
-            f"into fewer rows (hashing config) or plan for more ranks (plan_topology.world_size)."
+            f"into fewer rows (hashing config, e.g. a smaller hashing.budget_bytes_per_rank) or "
+            f"plan for more ranks (plan_topology.world_size)."
         ) from None
 
 

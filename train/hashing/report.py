@@ -1,5 +1,12 @@
 """The per-feature hashing report: bytes, rows and collision rates, expected for the declared
-ID space and measured over every rank's eval batches (a collective)."""
+ID space and measured over every rank's eval batches (a collective).
+
+A group's shared table (method shared) is split between its features by rows: each feature's
+entry has ``tables: {<group>_shared: its num_embeddings}`` and the bytes of those rows, so the
+features' bytes sum to the table's exactly (its rows are the sum of theirs) and every byte of
+the job is counted once. Collisions are the table's: expected for the IDs of all its features
+in all its rows, measured as distinct rows over the distinct (feature, ID) pairs of all its
+features, which every entry of the table repeats (with ``shared_by``, the features counted)."""
 
 from __future__ import annotations
 
@@ -14,9 +21,10 @@ from modules.collisions import (
     distinct_signatures,
     feature_expected_collision_rate,
     measured_collision_rate,
+    shared_expected_collision_rate,
 )
 from modules.features import FLOAT32_BYTES, FeatureGroupSpec, FeatureSpec
-from modules.hashing import feature_tables
+from modules.hashing import feature_tables, shared_features, shared_table_name
 from modules.id_mapping import FREQUENT_ID_BYTES, HashingIdMapper
 from modules.managed_collisions import MANAGED_STATE_BYTES_PER_ROW, admitted, mch_modules
 from train.collectives import collective_device
@@ -61,7 +69,14 @@ def hashing_report(
     report: dict[str, dict[str, Any]] = {}
     for group in groups:
         mapper = HashingIdMapper(list(group.features))
+        sharing = shared_features(group.features)
+        shared_window = _shared_window(sharing, mapper, local) if sharing else (0, 0)
         for feature in group.features:
+            if feature.hashing.method == "shared":
+                report[feature.name] = _shared_entry(
+                    feature, group, sharing, state_values, *shared_window
+                )
+                continue
             distinct_ids = local.get(feature.name)
             if feature.hashing.method == "managed":
                 distinct_ids = distinct_ids if feature.name in maps else None
@@ -99,6 +114,8 @@ def feature_bytes(
 ) -> int:
     """What a feature's hashing holds: its tables (parameters + optimizer state) and the maps
     that find rows (managed: the MCH map; frequency: its frequent IDs and their rows)."""
+    if feature.hashing.method == "shared":  # its rows of the group's shared table
+        return feature.num_embeddings * row_bytes(embedding_dim, state_values)
     total = sum(
         t.num_embeddings * row_bytes(t.embedding_dim, state_values)
         for t in feature_tables(feature, embedding_dim)
@@ -111,6 +128,74 @@ def feature_bytes(
     return total
 
 
+def _entry(
+    feature: FeatureSpec,
+    embedding_dim: int,
+    state_values,
+    tables: dict[str, int],
+    bytes_hashed: int,
+    expected_collision_rate: float,
+) -> dict[str, Any]:
+    """The fields every entry has; the eval window's are filled in by the caller."""
+    bytes_full = feature.id_space * row_bytes(embedding_dim, state_values)
+    return {
+        "method": feature.hashing.method,
+        "id_space": feature.id_space,
+        "tables": tables,
+        "rows": sum(tables.values()),
+        "buckets": sum(tables.values()),  # = rows, under the name other tools read
+        "bytes_hashed": bytes_hashed,
+        "bytes_full": bytes_full,
+        "bytes_saved": bytes_full - bytes_hashed,
+        "expected_collision_rate": expected_collision_rate,
+        "eval_distinct_ids": 0,
+        "eval_distinct_rows": 0,
+        "measured_collision_rate": None,
+        "expected_collision_rate_at_eval_ids": None,
+    }
+
+
+def _shared_window(
+    sharing: list[FeatureSpec], mapper: HashingIdMapper, distinct_ids: dict[str, torch.Tensor]
+) -> tuple[int, int]:
+    """(distinct (feature, ID) pairs, distinct rows they reach) of a shared table's features
+    on the eval window. Distinct IDs of different features are distinct pairs, so their counts
+    add up; a row reached from two features counts once."""
+    seen = [(f, distinct_ids[f.name]) for f in sharing if f.name in distinct_ids]
+    num_pairs = sum(ids.numel() for _, ids in seen)
+    if num_pairs == 0:
+        return 0, 0
+    rows = torch.cat([mapper.feature_rows(f.name, ids)[:, 0] for f, ids in seen])
+    return num_pairs, int(torch.unique(rows).numel())
+
+
+def _shared_entry(
+    feature: FeatureSpec,
+    group: FeatureGroupSpec,
+    sharing: list[FeatureSpec],
+    state_values,
+    num_pairs: int,
+    num_rows: int,
+) -> dict[str, Any]:
+    """A shared feature's entry: its rows of the group's table and their bytes, and the
+    table's collisions over the (feature, ID) pairs of every feature in ``sharing``."""
+    entry = _entry(
+        feature, group.embedding_dim, state_values,
+        {shared_table_name(group.name): feature.num_embeddings},
+        feature.num_embeddings * row_bytes(group.embedding_dim, state_values),
+        shared_expected_collision_rate(sharing),
+    )
+    entry["shared_by"] = [f.name for f in sharing]
+    if num_pairs > 0:
+        entry["eval_distinct_ids"] = num_pairs
+        entry["eval_distinct_rows"] = num_rows
+        entry["measured_collision_rate"] = measured_collision_rate(num_pairs, num_rows)
+        entry["expected_collision_rate_at_eval_ids"] = shared_expected_collision_rate(
+            sharing, num_pairs
+        )
+    return entry
+
+
 def _feature_entry(
     feature: FeatureSpec,
     embedding_dim: int,
@@ -120,23 +205,11 @@ def _feature_entry(
     mch: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     tables = feature_tables(feature, embedding_dim)
-    bytes_hashed = feature_bytes(feature, embedding_dim, state_values)
-    bytes_full = feature.id_space * row_bytes(embedding_dim, state_values)
-    entry: dict[str, Any] = {
-        "method": feature.hashing.method,
-        "id_space": feature.id_space,
-        "tables": {t.name: t.num_embeddings for t in tables},
-        "rows": sum(t.num_embeddings for t in tables),
-        "buckets": sum(t.num_embeddings for t in tables),  # = rows, under the name other tools read
-        "bytes_hashed": bytes_hashed,
-        "bytes_full": bytes_full,
-        "bytes_saved": bytes_full - bytes_hashed,
-        "expected_collision_rate": feature_expected_collision_rate(feature),
-        "eval_distinct_ids": 0,
-        "eval_distinct_rows": 0,
-        "measured_collision_rate": None,
-        "expected_collision_rate_at_eval_ids": None,
-    }
+    entry = _entry(
+        feature, embedding_dim, state_values, {t.name: t.num_embeddings for t in tables},
+        feature_bytes(feature, embedding_dim, state_values),
+        feature_expected_collision_rate(feature),
+    )
     if distinct_ids is not None and distinct_ids.numel() > 0:
         if feature.hashing.method == "none":
             distinct_ids = distinct_ids[(distinct_ids >= 0) & (distinct_ids < feature.num_embeddings)]

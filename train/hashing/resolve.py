@@ -64,8 +64,10 @@ class FrequencyFile:
             f"(scripts/count_frequencies.py writes them)"
         )
 
-    def ids(self, feature_name: str, count: int | None, num_embeddings: int) -> torch.Tensor:
-        """The first ``count`` IDs; None = as many as listed, up to half the rows."""
+    def ids(self, feature_name: str, count: int | None, num_embeddings: int,
+            share: float = 0.5) -> torch.Tensor:
+        """The first ``count`` IDs; None = as many as listed, up to ``share`` of the rows and
+        at most all rows but one (the other IDs are hashed into the rest)."""
         if not self.path:
             raise ValueError(
                 f"feature {feature_name}: hashing method frequency needs hashing.frequency_file "
@@ -79,7 +81,7 @@ class FrequencyFile:
             )
         ids = self._ids[feature_name]
         if count is None:
-            count = max(1, min(ids.numel(), num_embeddings // 2))
+            count = max(1, min(ids.numel(), int(num_embeddings * share), num_embeddings - 1))
         if ids.numel() < count:
             raise ValueError(
                 f"hashing.frequency_file={self.path} lists {ids.numel()} IDs for feature "
@@ -116,6 +118,7 @@ def resolve_hashing(
     feature_method: str | None,
     frequency_file: FrequencyFile | None,
     budget_share: BudgetShare | None = None,
+    ids_per_sample: int = 1,
 ) -> tuple[int, HashingSpec]:
     """(rows, spec) of one feature. ``hashing=None`` keeps the pre-hashing baseline: modulo.
     ``budget_share``: the method, rows and frequent IDs a memory budget chose for it."""
@@ -140,13 +143,16 @@ def resolve_hashing(
         frequent_ids = budget_share.frequent_ids
     elif method == "frequency":
         frequent_ids = (frequency_file or FrequencyFile(None)).ids(
-            name, pick("num_frequent"), num_embeddings
+            name, pick("num_frequent"), num_embeddings, hashing.frequent_share
         )
+    importance_rows = pick("importance_rows")
+    if method == "multi_hash" and importance_rows == 0 and ids_per_sample == 1:
+        importance_rows = math.ceil(hashing.importance_share * num_embeddings)
     spec = HashingSpec(
         method=method,
         num_hashes=pick("num_hashes"),
         combine=pick("combine") or "",
-        importance_rows=pick("importance_rows"),
+        importance_rows=importance_rows,
         q=pick("q"),
         frequent_ids=frequent_ids,
         seed=hashing.seed,
