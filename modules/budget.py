@@ -27,7 +27,7 @@ rows than one with a larger but flat ID space. Known IDs below t share one row b
 hashed row of many such IDs serves none of them (mixed, they teach it their average); the
 rows it would take buy more head IDs. Where heads and tails are hashed together, the extra
 rows do serve: they dilute the tail so that each head ID dominates the row it lands in.
-(Giving known tails ``ceil(M_f(t) / t)`` rows too, so that every row carries t, lost 0.010
+(Giving known tails ``ceil(M_f(t) / t)`` rows too, so that every row carries t, lost 0.008
 AUC on experiment=tradeoff at 1000x fewer bytes than full tables: docs/hashing.md.)
 
 What it does not do: it chooses between ``frequency`` and ``hash`` only. QR pays for a
