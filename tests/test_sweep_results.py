@@ -149,4 +149,4 @@ def test_plot_tradeoff_averages_seeds_and_measures_compression_in_bytes(tmp_path
     assert hashed["compression"] == 125.0  # 1000 bytes / 8, not the nominal 100x
     assert marks[("budget", 100)]["seeds"] == [0]  # the failed seed is left out
     table = plot_tradeoff.markdown(list(marks.values()))
-    assert "| hash | 100x | 125x | 0.000 MiB | 0.7100 (0.7000-0.7200) | -0.0450 | - |" in table
+    assert "| hash | 100x | 125x | 0.000 MiB | 0,1 | 0.7100 (0.7000-0.7200) | -0.0450 | - |" in table
