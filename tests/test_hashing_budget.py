@@ -22,6 +22,7 @@ from modules.synthetic import zipf_ranks
 from tests.helpers import TINY, compose_config, run_train
 from train.build import budget_choice, feature_groups
 from train.data import planted_data
+from train.export import export as export_run
 from train.frequency_counts import count_frequent_ids, save_frequency_file
 from train.hashing import hashing_report
 from train.hashing.budget import budget_facts
@@ -225,13 +226,13 @@ def test_too_small_budget_fails_in_one_line_before_training(tmp_path):
 
 def test_a_budgeted_job_prints_its_choice_and_its_report_fits(tmp_path, frequency_file):
     result = run_train(
-        [*TINY, "trainer.steps=2", "trainer.eval_every=0", "hashing.budget_bytes=60000",
+        [*TINY, "trainer.steps=2", "trainer.eval_every=0", "hashing.budget_bytes_per_rank=60000",
          f"hashing.frequency_file={frequency_file}", "hydra.run.dir=run"],
         cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "hashing budget hashing.budget_bytes=60000: 5 features" in out
+    assert "hashing budget hashing.budget_bytes_per_rank=60000 x 1 ranks: 5 features" in out
     assert out.index("hashing budget") < out.index("step ")  # before training
     for name in BUDGETED:
         assert any(line.startswith(f"{name} ") for line in out.splitlines()), name
@@ -239,6 +240,9 @@ def test_a_budgeted_job_prints_its_choice_and_its_report_fits(tmp_path, frequenc
     total = sum(entry["bytes_hashed"] for entry in summary["hashing"].values())
     assert 60_000 - 36 < total <= 60_000
     assert f"used {total:,} B, fixed 26,352 B" in out
+    # Export rebuilds the budgeted tables from the run's config and the world size it trained
+    # on (the checkpoint's): their shapes must match.
+    assert export_run(tmp_path / "run", tmp_path / "model.pt").path.exists()
 
 
 def test_plan_only_shows_the_choice_for_the_target_cluster(tmp_path):
