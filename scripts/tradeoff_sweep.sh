@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The hashing trade-off on planted data (experiment=tradeoff), then both figures:
 #   scripts/tradeoff_sweep.sh [extra Hydra overrides]        SEEDS="0 1 2" RATIOS="100,1000"
+#   ALL_METHODS_SEEDS=0 scripts/tradeoff_sweep.sh    # other seeds: full tables, hash, budget
 # Per seed (trainer.seed: data, initial weights and hashes):
 #   1. count every training ID (frequencies/tradeoff_seed<S>.pt): the full tables' vocabulary,
 #      the frequency method's head and the budget mode's traffic;
@@ -16,6 +17,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-0 1 2}
 RATIOS=${RATIOS:-100,1000}
+# Seeds that run every method; the others run the full tables, hash and the budget only.
+ALL_METHODS_SEEDS=${ALL_METHODS_SEEDS:-$SEEDS}
 STEPS=${STEPS:-$($PY -c "import yaml; print(yaml.safe_load(open('conf/experiment/tradeoff.yaml'))['trainer']['steps'])")}
 OUT=${OUT:-multirun/tradeoff}
 DOCS=${DOCS:-docs}
@@ -26,10 +29,16 @@ for seed in $SEEDS; do
   $PY scripts/count_frequencies.py --steps "$STEPS" --top 100000000 --out "$frequencies" \
     "${common[@]}"
   $PY -m train -m "${common[@]}" hashing=full hydra.sweep.dir=$OUT/seed$seed/full
-  $PY -m train -m "${common[@]}" hashing=default,multi_hash,qr,frequency,managed,shared \
+  methods=default
+  if [[ " $ALL_METHODS_SEEDS " == *" $seed "* ]]; then
+    methods=default,multi_hash,qr,frequency,managed,shared
+  fi
+  $PY -m train -m "${common[@]}" hashing=$methods \
     hashing.compression_ratio=$RATIOS hydra.sweep.dir=$OUT/seed$seed/methods
-  $PY -m train -m "${common[@]}" hashing=multi_hash hashing.importance_share=0 \
-    hashing.compression_ratio=$RATIOS hydra.sweep.dir=$OUT/seed$seed/multi_hash_plain
+  if [[ $methods != default ]]; then
+    $PY -m train -m "${common[@]}" hashing=multi_hash hashing.importance_share=0 \
+      hashing.compression_ratio=$RATIOS hydra.sweep.dir=$OUT/seed$seed/multi_hash_plain
+  fi
   # The budget mode gets the full tables' bytes (as measured in step 2) over each ratio.
   budgets=$($PY - "$OUT/seed$seed/full/results.csv" "$RATIOS" <<'EOF'
 import csv, sys

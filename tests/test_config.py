@@ -8,6 +8,7 @@ import torch
 from tests.helpers import CONF_DIR, TINY, compose_config, run_train
 from train.build import build_click_model, feature_groups
 from train.frequency_counts import save_frequency_file
+from train.hashing.budget import budget_facts
 from train.run import validated
 
 GROUP_OPTIONS = sorted(
@@ -26,7 +27,7 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_option_composes_and_builds(group, option, tmp_path):
     overrides = [f"{group}={option}"]
-    if (group, option) == ("hashing", "frequency"):  # its file comes from a counting run
+    if (group, option) in (("hashing", "frequency"), ("hashing", "full")):  # a counting run's file
         path = tmp_path / "frequencies.pt"
         ids = {f: torch.arange(100_000) for f in ["user_id", "user_interests", "ad_id",
                                                   "advertiser_id", "site_id"]}
@@ -43,7 +44,8 @@ def test_option_composes_and_builds(group, option, tmp_path):
     if (group, option) == ("data", "parquet"):  # features=from_data: derived at run time
         assert config.features.name == "from_data"
         config = compose_config([*overrides, "features=default"])
-    groups = feature_groups(config.features, config.hashing)
+    # One process's facts, for a memory budget (experiment=billion_users has one).
+    groups = feature_groups(config.features, config.hashing, budget_facts(config, 1))
     model = build_click_model(config, groups, torch.device("meta"))
     assert model.model.group_names == [g.name for g in groups]
 

@@ -146,7 +146,12 @@ def test_plot_tradeoff_averages_seeds_and_measures_compression_in_bytes(tmp_path
     assert set(marks) == {("full table", 1.0), ("hash", 100.0), ("budget", 100)}
     hashed = marks[("hash", 100.0)]
     assert (hashed["auc"], hashed["auc_min"], hashed["auc_max"]) == pytest.approx((0.71, 0.70, 0.72))
+    # Against the same seed's full tables: 0.70 - 0.75 and 0.72 - 0.76.
+    assert (hashed["delta"], hashed["delta_min"], hashed["delta_max"]) == pytest.approx(
+        (-0.045, -0.05, -0.04))
     assert hashed["compression"] == 125.0  # 1000 bytes / 8, not the nominal 100x
     assert marks[("budget", 100)]["seeds"] == [0]  # the failed seed is left out
     table = plot_tradeoff.markdown(list(marks.values()))
-    assert "| hash | 100x | 125x | 0.000 MiB | 0.7100 (0.7000-0.7200) | -0.0450 | - |" in table
+    assert "| hash | 100x | 125x | 0.000 MiB | 0,1 | 0.7100 | -0.0450 (-0.0500 .. -0.0400) | - |" in table
+    # The budget's one seed (0) against seed 0's full tables, not the mean of both seeds.
+    assert "| budget | 100x | 100x | 0.000 MiB | 0 | 0.7450 | -0.0050 (-0.0050 .. -0.0050) | - |" in table
