@@ -33,14 +33,15 @@ pytestmark = pytest.mark.slow
 HASHING_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "hashing").glob("*.yaml"))
 STEPS = 4
 # Every method in one model: user_id hash embeddings with importance weights, ad_id QR,
-# advertiser_id frequency, site_id managed, ad_category modulo, user_interests hash (4 IDs per
-# sample), the small features none.
+# advertiser_id frequency, site_id managed, ad_category modulo, user_country in the user
+# group's shared table, user_interests hash (4 IDs per sample), the small features none.
 MIXED = [
     "+hashing.features.user_id={method:multi_hash,importance_rows:16}",
     "+hashing.features.ad_id=qr",
     "+hashing.features.advertiser_id=frequency",
     "+hashing.features.site_id=managed",
     "+hashing.features.ad_category=modulo",
+    "+hashing.features.user_country=shared",
 ]
 SHORT = [*TINY, f"trainer.steps={STEPS}", f"trainer.eval_every={STEPS}"]
 EXPORT = [sys.executable, str(REPO / "scripts" / "export.py")]
