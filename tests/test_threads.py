@@ -92,10 +92,10 @@ def test_the_line_says_how_idle_threads_wait():
     choice = choose_threads(None, None, [0, 1], 2)
     environ: dict[str, str] = {}
     limit_openmp_spinning(environ)
-    assert environ == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": "PASSIVE"}
     assert choice.describe(environ) == (
         "threads: 1 intra-op per rank (2 CPUs / 2 local ranks), 1 inter-op, idle OpenMP "
-        "threads spin briefly, then sleep (GOMP_SPINCOUNT=1000, OMP_WAIT_POLICY=PASSIVE)"
+        "threads spin briefly, then sleep (GOMP_SPINCOUNT=10000, OMP_WAIT_POLICY=PASSIVE)"
     )
     # A wait the user chose stays, and the line says it.
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
@@ -164,5 +164,5 @@ def test_a_job_on_one_cpu_prints_one_thread_and_short_spins(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "threads: 1 intra-op per rank (1 CPU / 1 local rank), 1 inter-op, idle OpenMP threads "
-        "spin briefly, then sleep (GOMP_SPINCOUNT=1000, OMP_WAIT_POLICY=PASSIVE)\n"
+        "spin briefly, then sleep (GOMP_SPINCOUNT=10000, OMP_WAIT_POLICY=PASSIVE)\n"
     ) in result.stdout

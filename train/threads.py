@@ -10,16 +10,17 @@ cores of its own. ``trainer.threads``, else OMP_NUM_THREADS, overrides the count
 threads (torch.jit futures and the like; hashrec's ops do not use them) are kept to one.
 
 Idle OpenMP threads spin only briefly before they sleep: ``python -m train`` sets
-GOMP_SPINCOUNT=1000 and OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime, unless
+GOMP_SPINCOUNT=10000 and OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime, unless
 either is already set (``limit_openmp_spinning``). By default libgomp (the runtime of torch's
 Linux wheels) spins up to 300,000 rounds at the end of every parallel op, and before the
 next, waiting for the rest of its team. Where other work holds a core, the partner it waits
 for cannot run until the spin ends: each op then lasts the spin (milliseconds), not its work,
-and the default job ran 17-130x slower beside other jobs on the 2-core dev machine. 1,000
-rounds is about what waking a sleeping thread costs, so a wait costs at most about twice what
-it had to; the price is 10-20% of the default job's speed on an idle machine (export
-GOMP_SPINCOUNT=300000 to spin as before). Runtimes without GOMP_SPINCOUNT (LLVM's, Intel's)
-sleep at once under OMP_WAIT_POLICY=PASSIVE. Figures: docs/performance.md, "A shared machine".
+and the default job ran 17-130x slower beside other jobs on the 2-core dev machine. 10,000
+rounds (well under a millisecond) is long enough that on an idle machine a thread rarely
+sleeps between the ops of a step (the default job ran as fast as with libgomp's default, where
+1,000 rounds cost 10-20%), and short enough that a busy core costs a fraction of a millisecond
+an op, not milliseconds (export GOMP_SPINCOUNT=300000 to spin as before). Runtimes without
+GOMP_SPINCOUNT (LLVM's, Intel's) sleep at once under OMP_WAIT_POLICY=PASSIVE. Figures: docs/performance.md, "A shared machine".
 
 This module imports torch only inside ``apply_threads``: ``train/__main__.py`` imports it
 before torch, while the environment can still change what libgomp reads once, at load.
@@ -36,7 +37,7 @@ from pathlib import Path
 
 
 # How idle OpenMP threads wait unless the environment says (see the module's docstring).
-OPENMP_WAIT = {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "PASSIVE"}
+OPENMP_WAIT = {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def limit_openmp_spinning(environ: MutableMapping[str, str] = os.environ) -> None:
