@@ -15,6 +15,7 @@ from train.collectives import (
     barrier,
     first_error,
     gather_concat,
+    gather_concat_on_rank_zero,
     gather_stack,
     global_mean,
     on_rank_zero,
@@ -52,6 +53,8 @@ def _pid_and_errors(rank: int, world_size: int) -> None:
     mine = torch.tensor([[rank, 10 + rank]])
     assert gather_concat(mine).tolist() == [[0, 10], [1, 11]]
     assert gather_stack(mine[0]).tolist() == [[0, 10], [1, 11]]
+    on_zero = gather_concat_on_rank_zero(mine)
+    assert (on_zero.tolist() if rank == 0 else on_zero) == ([[0, 10], [1, 11]] if rank == 0 else None)
     cpu = torch.device("cpu")
     assert reduce_over_ranks(rank + 3, cpu) == 7
     assert reduce_over_ranks(rank + 3, cpu, "max") == 4

@@ -1,10 +1,13 @@
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
-from modules.metrics import auc, log_loss, normalized_entropy
+from modules.metrics import auc, click_metrics, log_loss, normalized_entropy
+from tests.helpers import run_ranks
+from train.loop import eval_scores
 
 
 def brute_force_auc(scores, labels):
@@ -21,6 +24,49 @@ def test_auc_matches_pair_counting_with_ties():
     scores = torch.randint(0, 7, (300,), generator=generator).float()  # many ties
     labels = (torch.rand(300, generator=generator) < 0.3).float()
     assert math.isclose(auc(scores, labels), brute_force_auc(scores.tolist(), labels.tolist()))
+
+
+def exact_auc(scores, labels) -> float:
+    """The AUC as the exact fraction of (positive, negative) pairs won, a tie half a win,
+    rounded once to a float: what an exact AUC must return to the last bit."""
+    positives = [s for s, y in zip(scores, labels) if y == 1]
+    negatives = [s for s, y in zip(scores, labels) if y == 0]
+    half_wins = sum(2 if p > n else 1 if p == n else 0 for p in positives for n in negatives)
+    return float(Fraction(half_wins, 2 * len(positives) * len(negatives)))
+
+
+def eval_samples(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's eval logits and labels: few distinct logits (ties across ranks), rank 1's
+    rows more often clicked and scored higher than rank 0's (so that one rank's rows alone
+    give another AUC), and rank 1's last 37 rows padding (label -1)."""
+    generator = torch.Generator().manual_seed(rank)
+    logits = torch.randint(-6, 6, (400,), generator=generator).float() / 4 + rank
+    labels = (torch.rand(400, generator=generator) < 0.2 + 0.3 * rank).float()
+    if rank == 1:
+        labels[-37:] = -1.0
+    return logits, labels
+
+
+def _eval_scores_worker(rank: int, world_size: int) -> None:
+    scores = eval_scores(*eval_samples(rank))
+    # The reference: every rank's rows concatenated and scored in one process.
+    logits, labels = (torch.cat(parts) for parts in zip(*map(eval_samples, range(world_size))))
+    real = labels >= 0
+    expected = click_metrics(logits[real], labels[real])
+    assert scores == expected  # every figure, to the last bit, on every rank
+    assert scores.num_samples == 2 * 400 - 37
+    assert scores.auc == exact_auc(logits[real].tolist(), labels[real].tolist())
+
+
+def test_eval_scores_over_two_ranks_equal_one_process_scoring_every_row():
+    run_ranks(_eval_scores_worker, 2)
+
+
+def test_auc_is_the_exact_fraction_of_pairs_won():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 9, (500,), generator=generator).float()  # many ties
+    labels = (torch.rand(500, generator=generator) < 0.4).float()
+    assert auc(scores, labels) == exact_auc(scores.tolist(), labels.tolist())
 
 
 def test_auc_extremes_and_single_class():

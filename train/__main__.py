@@ -16,6 +16,12 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 signal.signal(signal.SIGINT, _interrupted_while_starting)
 
+# Before anything imports torch: its OpenMP runtime reads how idle threads wait once, when it
+# loads (train/threads.py says why they spin only briefly).
+from train.threads import limit_openmp_spinning  # noqa: E402
+
+limit_openmp_spinning()
+
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402

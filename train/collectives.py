@@ -8,6 +8,7 @@ returning what one rank alone would.
 - ``first_error``: any rank's error message, on every rank.
 - ``barrier``: every rank waits for all.
 - ``gather_concat`` / ``gather_stack``: every rank's tensor, on every rank.
+- ``gather_concat_on_rank_zero``: every rank's tensor, on rank 0 only.
 - ``reduce_over_ranks`` / ``global_mean``: a number summed, maximised, minimised or averaged
   over ranks.
 - ``AnyRankVote``: "did any rank raise its flag?", asynchronously, on a host-side group.
@@ -116,6 +117,19 @@ def gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     return torch.cat(gathered).to(tensor.device)
+
+
+def gather_concat_on_rank_zero(tensor: torch.Tensor) -> torch.Tensor | None:
+    """All ranks' [N, ...] tensors concatenated in rank order on rank 0, as gather_concat
+    would (equal shapes on every rank, the input's device); None on the other ranks, which
+    then hold no copy of anyone's data. A collective: every rank must call it."""
+    if not _distributed():
+        return tensor
+    local = tensor.to(collective_device())
+    is_main = dist.get_rank() == 0
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())] if is_main else None
+    dist.gather(local, gathered, dst=0)
+    return torch.cat(gathered).to(tensor.device) if gathered is not None else None
 
 
 def gather_stack(tensor: torch.Tensor) -> torch.Tensor:

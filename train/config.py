@@ -484,6 +484,10 @@ class TrainerConfig:
     # its own share of the cores, near its GPU on GPU nodes, and runs as many intra-op
     # threads (train/cpu_affinity.py); none: the OS places them, OMP_NUM_THREADS sets threads.
     cpu_affinity: str = "auto"
+    # Intra-op (OpenMP) threads per rank; null = auto: the physical cores this rank may use
+    # (affinity mask, capped by a cgroup CPU quota) split among the ranks of its host that
+    # share them, or OMP_NUM_THREADS where set (train/threads.py). Printed at the start.
+    threads: Optional[int] = None
     # Seconds the process group's rendezvous and each collective may wait for a rank before
     # the job fails (NCCL's own default is 10 minutes); generous, as rank 0 alone may
     # preprocess data or write files while the others wait at the next collective.
@@ -512,6 +516,8 @@ class TrainerConfig:
         _check_positive("trainer.batch_size", self.batch_size)
         _check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("trainer.cpu_affinity", self.cpu_affinity, ("auto", "none"))
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"trainer.threads must be >= 1 (or null: auto), got {self.threads}")
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be >= 0, got {self.eval_every}")
         if not self.resume:

@@ -17,7 +17,8 @@ share a NUMA node split that node's CPUs. Where the node does not say, they spli
 CPUs like CPU ranks.
 
 Shares are whole physical cores (hyperthread siblings, per sysfs ``thread_siblings_list``, go
-to the same rank), and a pinned rank runs one intra-op (OpenMP) thread per core of its share.
+to the same rank), and a pinned rank runs one intra-op (OpenMP) thread per core of its share,
+unless trainer.threads or OMP_NUM_THREADS chose the count (train/threads.py).
 Otherwise every rank of ``torchrun --nproc_per_node 8`` in a 64-CPU Slurm task would run 64
 threads (OMP_NUM_THREADS from the task's CPU count) or 1 (torchrun's default for 2+ ranks).
 """
@@ -160,12 +161,16 @@ def rank_share(
 
 
 def pin_local_rank(
-    local_rank: int, local_world_size: int, device: torch.device | None = None
+    local_rank: int,
+    local_world_size: int,
+    device: torch.device | None = None,
+    one_thread_per_core: bool = True,
 ) -> list[int] | None:
     """Pin every thread of this process to its share of the host's cores (near its GPU for a
-    CUDA ``device``) and run that many intra-op threads; returns the cores, or None where it
-    left the affinity alone. A collective: every rank must call it, after the process group
-    exists (so its threads exist and are pinned too)."""
+    CUDA ``device``) and, with ``one_thread_per_core``, run that many intra-op threads (else
+    the count set before stays); returns the cores, or None where it left the affinity alone.
+    A collective: every rank must call it, after the process group exists (so its threads
+    exist and are pinned too)."""
     if dist.get_world_size() == 1 or not hasattr(os, "sched_setaffinity"):  # Linux only
         return None
     cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -184,5 +189,6 @@ def pin_local_rank(
         except (ProcessLookupError, PermissionError):  # a thread that just ended
             continue
     # One intra-op thread per physical core, as torch's own default does for a whole machine.
-    torch.set_num_threads(num_cores(share, core_of))
+    if one_thread_per_core:
+        torch.set_num_threads(num_cores(share, core_of))
     return share

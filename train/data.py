@@ -18,7 +18,12 @@ from modules.data_sources import CriteoSource, DataSource, ParquetSource, Plante
 from modules.features import FeatureGroupSpec
 from modules.metrics import auc
 from modules.synthetic import PlantedClickData, PlantedSignal
-from train.collectives import first_error, gather_concat, on_rank_zero, reduce_over_ranks
+from train.collectives import (
+    first_error,
+    gather_concat_on_rank_zero,
+    on_rank_zero,
+    reduce_over_ranks,
+)
 from train.config import Config, spec_values
 from train.distributed import DistributedContext
 
@@ -43,7 +48,11 @@ def bayes_auc(data: PlantedClickData, rank: int, num_batches: int) -> float:
         batch, probability = data.batch("eval", rank, step)
         probabilities.append(probability)
         labels.append(batch.labels)
-    return auc(gather_concat(torch.cat(probabilities)), gather_concat(torch.cat(labels)))
+    # Rank 0 alone holds every rank's eval samples and sorts them; the others get the figure.
+    samples = gather_concat_on_rank_zero(
+        torch.stack([torch.cat(probabilities).double(), torch.cat(labels).double()], dim=1)
+    )
+    return on_rank_zero(lambda: auc(samples[:, 0], samples[:, 1]))
 
 
 def existing_path(text: str, key: str) -> Path:

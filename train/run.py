@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from train.checkpoint import CheckpointError, choose_checkpoint, load_checkpoint
 from train.checkpoint_policy import CheckpointPolicy
 from train.collectives import on_rank_zero, reduce_over_ranks
 from train.config import Config, reject_unknown_keys
-from train.cpu_affinity import pin_local_rank
+from train.cpu_affinity import physical_cores, pin_local_rank
 from train.distributed import (
     DistributedContext,
     LaunchError,
@@ -70,6 +71,15 @@ from train.sharding import embedding_bytes_per_rank, format_plan
 from train.state_digest import state_digest
 from train.summary import format_summary, write_summary
 from train.system_info import peak_rss_bytes
+from train.threads import (
+    ThreadChoice,
+    apply_threads,
+    cgroup_cpu_limit,
+    choose_threads,
+    chosen_omp_num_threads,
+    cpu_report,
+    ranks_sharing_cpus,
+)
 
 
 def quiet_library_logs() -> None:
@@ -265,6 +275,7 @@ def _run(
 ) -> dict:
     """The phases of a job, top-down: build, data, logging, resume, train, summary, report."""
     say = _printer(context)
+    threads = set_threads(config, context)
     groups, statistics = data_statistics_and_features(config, groups, run_dir, say)
     if config.plan_topology.world_size is not None:
         return _plan_target(config, groups, context, run_dir, say)
@@ -273,6 +284,7 @@ def _run(
         f"features={config.features.name} model={config.model.name} "
         f"sharding={config.sharding.name}, run dir {run_dir}"
     )
+    say(threads.describe())
     say_budget(config, groups, context.world_size, say)
     try:  # one job at a time in a run directory, held until run() ends
         on_rank_zero(take_run_lock, run_dir)
@@ -294,7 +306,7 @@ def _run(
     job = _build(config, groups, context, say)
     per_rank = embedding_bytes_per_rank(job.placed, context.world_size)
     data = _data(config, groups, context, say, statistics)
-    metrics = _start_logging(config, context, run_dir, job, say)
+    metrics = _start_logging(config, context, run_dir, job, say, threads)
     start_step = resume_if_asked(config, job, run_dir, say)
     # The hooks the loop calls on every rank: checkpoints and pre-emption after every step;
     # the hashing report (and the planted data's Bayes AUC) after every eval.
@@ -329,6 +341,27 @@ def _run(
     summary = _summary(config, context, job, data, result, hashing, metrics, per_rank, started)
     _write_report(run_dir, summary, result, metrics, say)
     return summary
+
+
+def set_threads(config: Config, context: DistributedContext) -> ThreadChoice:
+    """Size this rank's thread pools to its share of the CPUs it may use, or as
+    trainer.threads or OMP_NUM_THREADS say (train/threads.py). A collective: every rank
+    reports its CPUs, to learn which ranks of its host share them."""
+    everyone = cpu_report()
+    cpus = list(everyone[context.rank][1])
+    try:
+        choice = choose_threads(
+            config.trainer.threads,
+            chosen_omp_num_threads(os.environ, context.local_world_size),
+            cpus,
+            ranks_sharing_cpus(everyone, context.rank),
+            cgroup_cpu_limit(),
+            physical_cores(cpus),
+        )
+    except ValueError as error:  # an OMP_NUM_THREADS that is no count
+        raise ConfigError(str(error)) from None
+    apply_threads(choice)
+    return choice
 
 
 def _printer(context: DistributedContext) -> Callable[[str], None]:
@@ -395,18 +428,28 @@ def _data(
 
 
 def _start_logging(
-    config: Config, context: DistributedContext, run_dir: Path, job: ShardedJob, say
+    config: Config,
+    context: DistributedContext,
+    run_dir: Path,
+    job: ShardedJob,
+    say,
+    threads: ThreadChoice,
 ) -> MetricsLogger:
     """W&B + metrics.jsonl on rank 0 (no-op elsewhere), then CPU pinning (a collective)."""
     # Config, system facts, plan table.
     metrics = start_run_logging(config, context, run_dir, job.placed)
     # After W&B has started its service process, which would otherwise share rank 0's cores.
-    # A collective; GPU ranks get cores near their GPU.
+    # A collective; GPU ranks get cores near their GPU. A thread count that trainer.threads
+    # or OMP_NUM_THREADS set stays; otherwise each rank runs one per core of its share.
     if config.trainer.cpu_affinity == "auto":
-        cores = pin_local_rank(context.local_rank, context.local_world_size, context.device)
+        cores = pin_local_rank(
+            context.local_rank, context.local_world_size, context.device,
+            one_thread_per_core=threads.auto,
+        )
         if cores is not None:
+            each = "one intra-op thread per core" if threads.auto else threads.reason
             say(f"cpu affinity: each of the {context.local_world_size} ranks on a host "
-                f"pinned to {len(cores)} CPU(s) of its own, one intra-op thread per core")
+                f"pinned to {len(cores)} CPU(s) of its own, {each}")
     return metrics
 
 
