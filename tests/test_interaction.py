@@ -39,3 +39,35 @@ def test_matches_interaction_arch(autocast):
     tolerance = {"atol": 5e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
     for name, got, want in zip(("output", "dense grad", "sparse grad"), actual, expected):
         torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_many_features_in_chunks_and_group_blocks_match_interaction_arch(monkeypatch, autocast):
+    """Many features, the square made a few samples at a time (a batch that is no multiple of
+    the chunk), the features handed over as blocks of several features each."""
+    import modules.interaction as interaction
+
+    num_features, batch = 40, 23
+    # Chunks of 3 samples: 8 chunks, the last one of 2.
+    monkeypatch.setattr(interaction, "_CHUNK_BYTES", 3 * 4 * (num_features + 1) ** 2)
+    assert interaction.chunk_samples(num_features) == 3
+    torch.manual_seed(0)
+    dense = torch.randn(batch, D, requires_grad=True)
+    values = torch.randn(batch, num_features * D, requires_grad=True)
+    weights = torch.randn(batch, D + num_features * (num_features + 1) // 2)
+
+    def run(fn, pieces):
+        dense.grad = values.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(dense, pieces)
+        (out.float() * weights).sum().backward()
+        return out.float(), dense.grad.clone(), values.grad.clone()
+
+    arch = InteractionArch(num_sparse_features=num_features)
+    expected = run(lambda d, s: arch(d, torch.stack(s, dim=1)), list(values.split(D, dim=1)))
+    # Uneven blocks: 3 features, 1, then 36.
+    blocks = list(values.split([3 * D, D, 36 * D], dim=1))
+    actual = run(lambda d, s: dot_interaction(d, s, pair_indices(num_features)), blocks)
+    tolerance = {"atol": 1e-1, "rtol": 2e-2} if autocast else {"atol": 1e-4, "rtol": 1e-5}
+    for name, got, want in zip(("output", "dense grad", "sparse grad"), actual, expected):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
