@@ -1,32 +1,34 @@
-"""DLRM's dot interaction as one autograd function: one copy in, one matmul each way.
+"""DLRM's dot interaction as one autograd function, a cache-sized chunk of samples at a time.
 
 The same values as ``torchrec.models.dlrm.InteractionArch`` (the dense vector, then the dots
 of every pair of [dense, sparse...] in its ``triu_indices`` order), computed with fewer passes
-over memory. Stacking the inputs, concatenating the dense vector, casting to the autocast
-dtype (twice, once per matmul operand) and the index-put in the backward each read and wrote
-the whole [B, F + 1, D] block; here the block is written once, in the compute dtype, and the
-backward uses d(X Xᵀ)/dX = (G + Gᵀ) X, one batched matmul instead of two and a transpose-add.
-For the reference shape (B = 2048, F = 26, D = 64, bf16 autocast, one thread) forward plus
-backward, with the split of the pooled embeddings both ways, drops from 23-25 ms to 12-13 ms.
+over memory:
 
-The square [B, F + 1, F + 1] of all products is made a few samples at a time (``_CHUNK_BYTES``
-of it at once), and only its upper triangle leaves the chunk: with many features the square
-is far larger than the pairs (F = 258: 268 KB a sample, of which half is kept), and writing it
-whole, then gathering from it, then zero-filling and scattering its gradient in backward
-moved about 3 GB a step at B = 2048. A chunk that stays in the core's cache makes the gather
-and the scatter cache-local: 2.5x faster on the Intel Xeon dev machine at F = 258 (one thread,
-forward + backward 1,689 -> 686 ms of CPU time for 2048 samples), the same at F = 26.
+* The inputs (the dense vector and the pooled features, as per-feature tensors or whole group
+  blocks) are written once into one [B, F + 1, D] block, rounded to the compute dtype as
+  autocast would round the matmul's operands; no stack, cat or cast of the whole block.
+* The square X Xᵀ of all products, [B, F + 1, F + 1], is made ``chunk_samples`` samples at a
+  time, and only its upper triangle (the pairs) leaves the chunk, gathered straight into the
+  output. With many features the square dwarfs everything else (F = 258: 268 KB a sample,
+  550 MB at B = 2048): written whole, gathered from, then zero-filled and scattered into
+  again in backward, it made the interaction most of the step. A chunk that fits in the
+  core's cache keeps the gather and the scatter cache-local.
+* Backward scatters the pairs' gradient G into a chunk's upper triangle once and computes
+  d(X Xᵀ)/dX = (G + Gᵀ) X as G X + Gᵀ X.
+
+``scripts/bench_interaction.py`` times it against InteractionArch (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-# Bytes of the [chunk, F + 1, F + 1] float32 products (or their gradient) made at once: about
-# the per-core L2 cache (2 MB on the dev machines), so that the gather of the upper triangle
-# (forward) and the scatter of its gradient (backward) read and write cached memory. Fewer,
-# larger chunks would only save a few microseconds of dispatch each.
-_CHUNK_BYTES = 4 << 20
+# Bytes of the [chunk, F + 1, F + 1] float32 products (or their gradient) made at once: half
+# the per-core L2 cache of the dev machines (2 MB), so that the gather of the upper triangle
+# (forward) and the scatter of its gradient (backward) read and write cached memory. At F =
+# 258 (3 samples a chunk) 1 MB was about 10% faster than 4 MB and 30% faster than 16 MB; the
+# dispatch of a chunk's few ops is a few percent of its work.
+_CHUNK_BYTES = 1 << 20
 
 
 def pair_indices(num_sparse_features: int) -> torch.Tensor:
@@ -45,8 +47,11 @@ def chunk_samples(num_sparse_features: int) -> int:
 
 
 class _DotInteraction(torch.autograd.Function):
-    """Index work runs in float32: CPU gathers and scatters on bfloat16 are 3-4x slower than
-    a cast plus the float32 kernel.
+    """The products, their gather and the scatter of their gradient run in float32 whatever
+    the compute dtype: CPU gathers and scatters on bfloat16 are 3-4x slower than a cast plus
+    the float32 kernel, and casting each chunk's square both ways cost more than the float32
+    batched matmuls (small: [F + 1, D] by [D, F + 1] per sample) save. Only the output takes
+    the compute dtype, as InteractionArch's does.
 
     ``pieces``: 2-D tensors [B, k D], k consecutive features each (a whole feature group's
     pooled block, or one feature), in feature order.
@@ -56,14 +61,13 @@ class _DotInteraction(torch.autograd.Function):
     def forward(ctx, indices, dtype, dense, *pieces):
         batch_size, dim = dense.shape
         size = 1 + sum(piece.shape[1] for piece in pieces) // dim
-        # [B, F + 1, D] in the compute dtype, written once: under autocast this is the cast
-        # the matmul would have made of each operand.
-        combined = torch.empty(batch_size, size, dim, dtype=dtype, device=dense.device)
+        # [B, F + 1, D], written once. Rounded to the compute dtype first, as the operands of
+        # InteractionArch's matmul are under autocast, so both see the same inputs.
+        combined = torch.empty(batch_size, size, dim, dtype=torch.float32, device=dense.device)
         flat = combined.view(batch_size, size * dim)
-        flat[:, :dim].copy_(dense)
-        column = dim
-        for piece in pieces:
-            flat[:, column : column + piece.shape[1]].copy_(piece)
+        column = 0
+        for piece in (dense, *pieces):
+            flat[:, column : column + piece.shape[1]].copy_(piece.to(dtype))
             column += piece.shape[1]
         # Promotes as InteractionArch's final cat does: the dense vector's dtype or wider.
         output = torch.empty(
@@ -76,9 +80,9 @@ class _DotInteraction(torch.autograd.Function):
         for start in range(0, batch_size, chunk):
             block = combined[start : start + chunk]
             count = block.shape[0]
-            products = torch.bmm(block, block.transpose(1, 2)).view(count, -1).float()
-            # gather straight into the output's columns (index_select's out= is slow on a
-            # strided view); a bf16 output takes a float32 gather plus a cast.
+            products = torch.bmm(block, block.transpose(1, 2)).view(count, -1)
+            # Gather straight into the output's columns (index_select's out= is slow on a
+            # strided view); another output dtype takes one cast of the kept half.
             index = indices.expand(count, -1)
             if output.dtype == torch.float32:
                 torch.gather(products, 1, index, out=pairs[start : start + count])
@@ -95,26 +99,20 @@ class _DotInteraction(torch.autograd.Function):
         dense_dtype, piece_dtypes = ctx.input_dtypes
         batch_size, size, dim = combined.shape
         chunk = chunk_samples(size - 1)
-        # G + Gᵀ for the gradient G of the upper-triangle pairs, scattered in one go: each
-        # pair's gradient lands on (i, j) and (j, i). The diagonal is never written, so the
-        # chunk buffer is zeroed once and reused.
-        mirrored = (indices % size) * size + indices // size
-        symmetric = torch.zeros(
-            min(chunk, batch_size), size * size, device=combined.device
-        )
+        # The gradient G of the pairs put in the upper triangle of a square; only those
+        # places are ever written, so the chunk buffer is zeroed once and reused. Then
+        # (G + Gᵀ) X as G X + Gᵀ X: a second small matmul costs less than scattering every
+        # pair's gradient a second time, to its mirror place.
+        upper = torch.zeros(min(chunk, batch_size), size * size, device=combined.device)
         grad_combined = torch.empty_like(combined)
         for start in range(0, batch_size, chunk):
             count = min(chunk, batch_size - start)
-            grad_pairs = grad_output[start : start + count, dim:].float()
-            buffer = symmetric[:count]
-            buffer.index_copy_(1, indices, grad_pairs)
-            buffer.index_copy_(1, mirrored, grad_pairs)
-            # (G + Gᵀ) X
-            torch.bmm(
-                buffer.view(count, size, size).to(combined.dtype),
-                combined[start : start + count],
-                out=grad_combined[start : start + count],
-            )
+            square = upper[:count]
+            square.index_copy_(1, indices, grad_output[start : start + count, dim:].float())
+            square = square.view(count, size, size)
+            block = combined[start : start + count]
+            grad_block = torch.bmm(square, block, out=grad_combined[start : start + count])
+            grad_block.baddbmm_(square.transpose(1, 2), block)
         flat = grad_combined.view(batch_size, size * dim)
         grad_dense = (grad_output[:, :dim] + flat[:, :dim]).to(dense_dtype)
         grad_pieces = []
