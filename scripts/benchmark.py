@@ -16,9 +16,9 @@ Each job also profiles a few of its warm-up steps (``trainer.profile``, steps
 slow the measured steps) and reports its step split into stages (data, ID mapping, input
 distribution, embedding lookup, output all-to-all, dense forward, embedding and dense
 backward, optimizer: ``train/step_breakdown.py`` says how each is read from the trace), and
-how close it runs to the machine's limits, measured right after the job in the same process
-conditions: matmul FLOP/s of one core in each dtype the job's matmuls use, and copy bandwidth
-with the job's threads per rank. ``--no-breakdown`` skips both.
+how close it runs to the machine's limits, measured right after the job: the matmul FLOP/s
+of one core in each dtype the job's matmuls use and one core's copy bandwidth, times the job's
+cores (threads) per rank. ``--no-breakdown`` skips both.
 """
 
 from __future__ import annotations
@@ -126,8 +126,7 @@ def run_config(
         ),
     }
     if breakdown:
-        result["breakdown"] = step_breakdown(run_dir, summary["world_size"], threads,
-                                             result["step_ms"] / 1000)
+        result["breakdown"] = step_breakdown(run_dir, threads, result["step_ms"] / 1000)
     return result
 
 
@@ -146,7 +145,7 @@ def lookups_per_sample(run_dir: Path) -> tuple[list[tuple[int, int]], str]:
     return lookups, config.optim.embedding
 
 
-def step_breakdown(run_dir: Path, world_size: int, threads: int, step_seconds: float) -> dict:
+def step_breakdown(run_dir: Path, threads: int, step_seconds: float) -> dict:
     """Stage ms per step (the mean over ranks of their profiled steps), matmul FLOPs and
     embedding bytes per step and rank, the machine's bounds measured now, and the shares."""
     ranks = [trace_breakdown(path) for path in sorted((run_dir / "profile").glob("rank_*.json"))]
@@ -158,13 +157,15 @@ def step_breakdown(run_dir: Path, world_size: int, threads: int, step_seconds: f
     lookups, optimizer = lookups_per_sample(run_dir)
     config, _ = load_run_config(run_dir)
     embedding_bytes = config.trainer.batch_size * embedding_bytes_per_sample(lookups, optimizer)
-    bounds = machine_bounds(dtypes, threads)
+    bounds = machine_bounds(dtypes)
+    # A rank's limits: its cores' (threads') sum. Memory bandwidth grows less than linearly
+    # with cores, so the memory share is a lower bound where a rank has several.
     shares = bound_shares(
         step_seconds,
         flops,
         {d: bounds["matmul_flops_per_sec_per_core"][d] * threads for d in dtypes},
         embedding_bytes,
-        bounds["copy_bytes_per_sec"],
+        bounds["copy_bytes_per_sec_per_core"] * threads,
     )
     return {
         "stage_ms": stage_ms,
@@ -173,13 +174,15 @@ def step_breakdown(run_dir: Path, world_size: int, threads: int, step_seconds: f
         "matmul_flops_per_step": flops,
         "embedding_bytes_per_step": embedding_bytes,
         **bounds,
+        "cores_per_rank": threads,
         **shares,
     }
 
 
-def machine_bounds(dtypes: list[str], threads: int, seconds: float = 0.3) -> dict:
-    """This machine's limits now: matmul FLOP/s of one core (one thread) per dtype, and the
-    bytes per second ``dst.copy_(src)`` moves (read + write) with ``threads`` threads."""
+def machine_bounds(dtypes: list[str], seconds: float = 0.5) -> dict:
+    """One core's limits: the matmul FLOP/s of one thread per dtype, and the bytes per second
+    one thread's ``dst.copy_(src)`` moves (read + write). Timed in the thread's own CPU time,
+    so that other jobs on a shared machine, which take the core away, do not lower it."""
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                     "fp64": torch.float64}
     previous = torch.get_num_threads()
@@ -189,25 +192,22 @@ def machine_bounds(dtypes: list[str], threads: int, seconds: float = 0.3) -> dic
         for dtype in dtypes:
             a = torch.randn(1024, 1024).to(torch_dtypes[dtype])
             per_core[dtype] = 2 * 1024**3 / _seconds_per_call(lambda: a @ a, seconds)
-        torch.set_num_threads(threads)
         source = torch.ones(1 << 26)  # 256 MiB: far beyond the caches
         target = torch.empty_like(source)
         copy = 2 * source.numel() * 4 / _seconds_per_call(lambda: target.copy_(source), seconds)
     finally:
         torch.set_num_threads(previous)
-    return {"matmul_flops_per_sec_per_core": per_core, "copy_bytes_per_sec": copy,
-            "bound_threads": threads}
+    return {"matmul_flops_per_sec_per_core": per_core, "copy_bytes_per_sec_per_core": copy}
 
 
 def _seconds_per_call(call, seconds: float) -> float:
-    """The fastest of repeated timed calls over about ``seconds`` (after one warm call): on a
-    shared machine the fastest is the one least slowed by other jobs."""
+    """The least CPU time of repeated calls over about ``seconds`` of CPU (after a warm call)."""
     call()
     best, spent = float("inf"), 0.0
-    while spent < seconds or best == float("inf"):
-        started = time.perf_counter()
+    while spent < seconds:
+        started = time.thread_time()
         call()
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
         best, spent = min(best, elapsed), spent + elapsed
     return best
 
@@ -323,8 +323,8 @@ def main() -> None:
         print("machine now: matmul " + ", ".join(
             f"{d} {v / 1e9:.0f} GFLOP/s per core"
             for d, v in bounds["matmul_flops_per_sec_per_core"].items())
-            + f"; copy {bounds['copy_bytes_per_sec'] / 1e9:.1f} GB/s with "
-            f"{bounds['bound_threads']} thread(s); load average "
+            + f"; copy {bounds['copy_bytes_per_sec_per_core'] / 1e9:.1f} GB/s per core "
+            f"(CPU time of one thread); load average "
             + " ".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
