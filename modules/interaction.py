@@ -15,6 +15,7 @@ over memory:
   core's cache keeps the gather and the scatter cache-local.
 * Backward scatters the pairs' gradient G into a chunk's upper triangle once and computes
   d(X Xᵀ)/dX = (G + Gᵀ) X as G X + Gᵀ X.
+* Under autocast the matmuls run in bf16 only where that pays (``matmul_dtype``).
 
 ``scripts/bench_interaction.py`` times it against InteractionArch (docs/performance.md).
 """
@@ -46,12 +47,26 @@ def chunk_samples(num_sparse_features: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * size * size))
 
 
+def matmul_dtype(compute_dtype: torch.dtype, dim: int) -> torch.dtype:
+    """The dtype of the interaction's batched matmuls: the compute dtype (bf16 under autocast)
+    from ``LOW_PRECISION_MIN_DIM`` dims up, else float32.
+
+    The gather and the scatter run in float32 either way (CPU gathers and scatters on bfloat16
+    are 3-4x slower than a cast plus the float32 kernel), so low-precision matmuls cost a cast
+    of each chunk's square both ways, and save about D multiply-adds per element of it: at
+    D = 64 (the reference shape) bf16 matmuls were 15% faster, at D = 16 (258 features) 12%
+    slower than float32 ones (scripts/bench_interaction.py, one thread).
+    """
+    return compute_dtype if dim >= LOW_PRECISION_MIN_DIM else torch.float32
+
+
+LOW_PRECISION_MIN_DIM = 32
+
+
 class _DotInteraction(torch.autograd.Function):
-    """The products, their gather and the scatter of their gradient run in float32 whatever
-    the compute dtype: CPU gathers and scatters on bfloat16 are 3-4x slower than a cast plus
-    the float32 kernel, and casting each chunk's square both ways cost more than the float32
-    batched matmuls (small: [F + 1, D] by [D, F + 1] per sample) save. Only the output takes
-    the compute dtype, as InteractionArch's does.
+    """The inputs are rounded to the compute dtype (as autocast rounds a matmul's operands),
+    multiplied in ``matmul_dtype``, gathered and scattered in float32; the output takes the
+    compute dtype (or the dense vector's, if wider), as InteractionArch's does.
 
     ``pieces``: 2-D tensors [B, k D], k consecutive features each (a whole feature group's
     pooled block, or one feature), in feature order.
@@ -61,13 +76,16 @@ class _DotInteraction(torch.autograd.Function):
     def forward(ctx, indices, dtype, dense, *pieces):
         batch_size, dim = dense.shape
         size = 1 + sum(piece.shape[1] for piece in pieces) // dim
-        # [B, F + 1, D], written once. Rounded to the compute dtype first, as the operands of
-        # InteractionArch's matmul are under autocast, so both see the same inputs.
-        combined = torch.empty(batch_size, size, dim, dtype=torch.float32, device=dense.device)
+        # [B, F + 1, D], written once, of inputs rounded to the compute dtype.
+        combined = torch.empty(
+            batch_size, size, dim, dtype=matmul_dtype(dtype, dim), device=dense.device
+        )
         flat = combined.view(batch_size, size * dim)
         column = 0
         for piece in (dense, *pieces):
-            flat[:, column : column + piece.shape[1]].copy_(piece.to(dtype))
+            if combined.dtype != dtype:
+                piece = piece.to(dtype)
+            flat[:, column : column + piece.shape[1]].copy_(piece)
             column += piece.shape[1]
         # Promotes as InteractionArch's final cat does: the dense vector's dtype or wider.
         output = torch.empty(
@@ -80,7 +98,7 @@ class _DotInteraction(torch.autograd.Function):
         for start in range(0, batch_size, chunk):
             block = combined[start : start + chunk]
             count = block.shape[0]
-            products = torch.bmm(block, block.transpose(1, 2)).view(count, -1)
+            products = torch.bmm(block, block.transpose(1, 2)).view(count, -1).float()
             # Gather straight into the output's columns (index_select's out= is slow on a
             # strided view); another output dtype takes one cast of the kept half.
             index = indices.expand(count, -1)
@@ -109,7 +127,7 @@ class _DotInteraction(torch.autograd.Function):
             count = min(chunk, batch_size - start)
             square = upper[:count]
             square.index_copy_(1, indices, grad_output[start : start + count, dim:].float())
-            square = square.view(count, size, size)
+            square = square.view(count, size, size).to(combined.dtype)
             block = combined[start : start + count]
             grad_block = torch.bmm(square, block, out=grad_combined[start : start + count])
             grad_block.baddbmm_(square.transpose(1, 2), block)
