@@ -6,8 +6,8 @@ Times ``modules/interaction.py`` (the features as group blocks of ``--group`` fe
 model hands them over) and ``torchrec.models.dlrm.InteractionArch`` (per-feature tensors,
 stacked) on the same random inputs, in float32 and under bf16 autocast, with a gradient
 through the output. Each figure is the least CPU time of the calling thread over
-``--repeats`` runs (with one thread, the run's own work: other jobs on a shared machine take
-the core away but do not add to it).
+``--repeats`` runs: with one thread (the default), all of the run's work, whatever else runs
+on the machine (other jobs take the core away but do not add to it).
 """
 
 from __future__ import annotations

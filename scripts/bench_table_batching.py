@@ -10,7 +10,8 @@ table by table: a CSR-to-CSC sort and a parallel update per table, and for a tab
 one feature it takes a different code path than for a table several features read. The
 stacked case is one table of tables x rows rows that every feature reads at its own row
 offset: the same rows, lookups and updates (rows of different features never meet), in one
-pass. Each figure is the least CPU time of the calling thread over ``--repeats`` steps.
+pass. Each figure is the least CPU time of the calling thread over ``--repeats`` steps: with
+one thread (the default), all of the kernel's work, whatever else runs on the machine.
 """
 
 from __future__ import annotations

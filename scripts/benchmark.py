@@ -38,14 +38,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modules.hashing import feature_tables  # noqa: E402
 from train.build import feature_groups  # noqa: E402
 from train.export import load_run_config  # noqa: E402
+from train.hashing.budget import budget_facts  # noqa: E402
 from train.loop import WARMUP_STEPS  # noqa: E402
 from train.step_breakdown import (  # noqa: E402
     STAGES,
     bound_shares,
     embedding_bytes_per_sample,
+    lookups_per_sample,
     trace_breakdown,
 )
 
@@ -126,26 +127,20 @@ def run_config(
         ),
     }
     if breakdown:
-        result["breakdown"] = step_breakdown(run_dir, threads, result["step_ms"] / 1000)
+        result["breakdown"] = step_breakdown(run_dir, summary["world_size"], threads,
+                                             result["step_ms"] / 1000)
     return result
 
 
-def lookups_per_sample(run_dir: Path) -> tuple[list[tuple[int, int]], str]:
-    """(IDs per sample, dim) of every mapped key of the run's features, and its embedding
-    optimizer: what embedding_bytes_per_sample counts."""
+def run_lookups(run_dir: Path, world_size: int) -> tuple[list[tuple[int, int]], str]:
+    """The run's lookups per sample (``lookups_per_sample``) and its embedding optimizer."""
     config, _ = load_run_config(run_dir)
-    groups = feature_groups(config.features, config.hashing)
-    lookups = [
-        (feature.ids_per_sample, table.embedding_dim)
-        for group in groups
-        for feature in group.features
-        for table in feature_tables(feature, group.embedding_dim)
-        for _ in table.feature_names
-    ]
-    return lookups, config.optim.embedding
+    # As training built them (a hashing budget per rank sizes tables for the world size).
+    groups = feature_groups(config.features, config.hashing, budget_facts(config, world_size))
+    return lookups_per_sample(groups), config.optim.embedding
 
 
-def step_breakdown(run_dir: Path, threads: int, step_seconds: float) -> dict:
+def step_breakdown(run_dir: Path, world_size: int, threads: int, step_seconds: float) -> dict:
     """Stage ms per step (the mean over ranks of their profiled steps), matmul FLOPs and
     embedding bytes per step and rank, the machine's bounds measured now, and the shares."""
     ranks = [trace_breakdown(path) for path in sorted((run_dir / "profile").glob("rank_*.json"))]
@@ -154,7 +149,7 @@ def step_breakdown(run_dir: Path, threads: int, step_seconds: float) -> dict:
     stage_ms = {s: sum(r["stage_ms"][s] for r in ranks) / len(ranks) for s in STAGES}
     dtypes = sorted({dtype for r in ranks for dtype in r["flops_per_step"]} | {"fp32"})
     flops = {d: sum(r["flops_per_step"].get(d, 0.0) for r in ranks) / len(ranks) for d in dtypes}
-    lookups, optimizer = lookups_per_sample(run_dir)
+    lookups, optimizer = run_lookups(run_dir, world_size)
     config, _ = load_run_config(run_dir)
     embedding_bytes = config.trainer.batch_size * embedding_bytes_per_sample(lookups, optimizer)
     bounds = machine_bounds(dtypes)

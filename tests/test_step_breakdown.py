@@ -23,6 +23,7 @@ from train.step_breakdown import (
     bound_shares,
     embedding_bytes_per_sample,
     load_events,
+    lookups_per_sample,
     matmul_flops,
     stage_milliseconds,
     step_events,
@@ -121,3 +122,21 @@ def test_a_matmul_inside_a_counted_matmul_counts_once():
     ]
     assert matmul_flops(*step_events(events)) == {"fp32": 2 * 4 * 16 * 8,
                                                   "bf16": 2 * 3 * 2 * 5 * 7}
+
+
+def test_lookups_count_every_pooled_key_with_its_features_ids():
+    from tests.helpers import TINY, compose_config
+    from train.build import feature_groups
+
+    def lookups(*overrides):
+        config = compose_config([*TINY, *overrides])
+        return lookups_per_sample(feature_groups(config.features, config.hashing))
+
+    # The default features: 9 keys of dim 8, user_interests a bag of 4 IDs.
+    assert sorted(lookups()) == sorted([(1, 8)] * 8 + [(4, 8)])
+    # Multi-hash: the 5 hashed features have 2 probes each and (one ID per sample) an
+    # importance key of dim 4; user_interests' bag has no importance table; 4 unhashed keys.
+    plain = lookups("hashing=multi_hash", "hashing.importance_share=0")
+    assert sorted(plain) == sorted([(1, 8)] * (4 + 2 * 4) + [(4, 8)] * 2)
+    # With importance weights: one more key of dim 4 for each of the 4 one-ID hashed features.
+    assert sorted(lookups("hashing=multi_hash")) == sorted(plain + [(1, 4)] * 4)

@@ -36,7 +36,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-STEP_RANGE = "train_step"  # train.loop.STEP_RANGE (not imported: keeps this module torch-free)
+from modules.features import FeatureGroupSpec
+from modules.hashing import tables_with_features
+from train.loop import STEP_RANGE
 
 DATA = "data"
 ID_MAPPING = "ID mapping"
@@ -186,6 +188,19 @@ def matmul_flops(steps: list[dict], inside: list[dict]) -> dict[str, float]:
 # sample.
 OPTIMIZER_STATE_VALUES = {"sgd": lambda dim: 0, "rowwise_adagrad": lambda dim: 1,
                           "adagrad": lambda dim: dim, "adam": lambda dim: 2 * dim}
+
+
+def lookups_per_sample(groups: list[FeatureGroupSpec]) -> list[tuple[int, int]]:
+    """(IDs per sample, dim) of every key the collections pool: a feature's own key, each of
+    its multi-hash probes and its importance key, its QR parts, a shared table's keys."""
+    lookups = []
+    for group in groups:
+        ids_per_sample = {feature.name: feature.ids_per_sample for feature in group.features}
+        for table, _ in tables_with_features(group):
+            # A key is its feature's name, or the name, "#" and the probe or part.
+            lookups += [(ids_per_sample[key.split("#")[0]], table.embedding_dim)
+                        for key in table.feature_names]
+    return lookups
 
 
 def embedding_bytes_per_sample(
