@@ -47,6 +47,10 @@ def chunk_samples(num_sparse_features: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * size * size))
 
 
+# The smallest embedding dim whose interaction matmuls run in the autocast dtype.
+LOW_PRECISION_MIN_DIM = 32
+
+
 def matmul_dtype(compute_dtype: torch.dtype, dim: int) -> torch.dtype:
     """The dtype of the interaction's batched matmuls: the compute dtype (bf16 under autocast)
     from ``LOW_PRECISION_MIN_DIM`` dims up, else float32.
@@ -58,9 +62,6 @@ def matmul_dtype(compute_dtype: torch.dtype, dim: int) -> torch.dtype:
     slower than float32 ones (scripts/bench_interaction.py, one thread).
     """
     return compute_dtype if dim >= LOW_PRECISION_MIN_DIM else torch.float32
-
-
-LOW_PRECISION_MIN_DIM = 32
 
 
 class _DotInteraction(torch.autograd.Function):

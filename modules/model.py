@@ -124,11 +124,11 @@ class EmbeddingGroup(nn.Module):
         return [c for c in (self.embedding_collection, self.managed_collection) if c is not None]
 
     def forward(self, raw_ids: KeyedJaggedTensor) -> list[torch.Tensor]:
-        # A sharded EBC orders its output keys by sharding group, not feature order:
-        # the combiner reads by key.
         if self.one_block:
             collection = self.embedding_collection(self.id_mapper(raw_ids))
             return [pooled_block(collection, self.feature_names)]
+        # A sharded EBC orders its output keys by sharding group, not feature order:
+        # the combiner reads by key.
         pooled = managed = None
         if self.embedding_collection is not None:
             pooled = self.embedding_collection(self.id_mapper(raw_ids)).to_dict()
