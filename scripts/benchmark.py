@@ -91,6 +91,8 @@ def run_config(
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     config_overrides, config_nproc = CONFIGS[name]
     nproc = config_nproc or nproc
+    # The profiled steps must lie inside the run.
+    breakdown = breakdown and steps >= sum(PROFILE_STEPS)
     profile = ["trainer.profile=true", "trainer.profile_steps=[%d,%d]" % PROFILE_STEPS]
     overrides = [*config_overrides, f"trainer.steps={steps}", "trainer.eval_every=0",
                  "checkpoint.at_end=false", f"hydra.run.dir={run_dir}",
