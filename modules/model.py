@@ -14,7 +14,7 @@ from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from modules.batch import Batch
 from modules.embeddings import group_collections, managed_feature_names
@@ -30,7 +30,8 @@ INTERACTIONS = ("dot", "dcn")
 class DotInteraction(nn.Module):
     """DLRM's dot interaction: the dense vector plus all pairwise dots of [dense, sparse...].
 
-    Input: dense [B, D], sparse [B, F, D] (one D for all). Output [B, D + F + F(F-1)/2].
+    Input: dense [B, D], sparse: the F features as 2-D pieces [B, k D] of k consecutive
+    features each (one D for all). Output [B, D + F + F(F-1)/2].
     """
 
     def __init__(self, num_sparse_features: int, embedding_dim: int) -> None:
@@ -47,7 +48,8 @@ class DotInteraction(nn.Module):
 class CrossInteraction(nn.Module):
     """DCNv2 interaction: a low-rank cross network over [dense, sparse...] concatenated.
 
-    Each sparse vector may have its own dim. Input: dense [B, D_dense], sparse F x [B, D_f].
+    Each sparse vector may have its own dim. Input: dense [B, D_dense], sparse: 2-D pieces
+    whose concatenation is the features in order ([B, D_f] each, or a group's block).
     Output [B, D_dense + sum D_f].
     """
 
@@ -62,6 +64,22 @@ class CrossInteraction(nn.Module):
         return self.crossnet(torch.cat([dense, *sparse], dim=1))
 
 
+@torch.fx.wrap
+def pooled_block(pooled: KeyedTensor, keys: list[str]) -> torch.Tensor:
+    """The pooled vectors of ``keys`` side by side, [B, sum of their dims], in that order.
+
+    A collection's output is one [B, sum D] tensor already; a sharded one orders its keys by
+    how the planner grouped the tables, not by feature order, and then one permute puts them
+    back. Either way this is one tensor, not a split per key and a cat of them again (in
+    forward and, through autograd, in backward), which at 258 features cost more than the
+    lookups. Wrapped for torch.fx: TorchRec's pipeline tracer records the call as it is
+    instead of tracing into the key comparison.
+    """
+    if pooled.keys() == keys:
+        return pooled.values()
+    return KeyedTensor.regroup([pooled], [keys])[0]
+
+
 class EmbeddingGroup(nn.Module):
     """One feature group's sparse side: raw-ID mapping, the group's collections, then combining.
 
@@ -70,8 +88,11 @@ class EmbeddingGroup(nn.Module):
     A group with managed features (``modules/managed_collisions.py``) holds them in a second,
     managed collection with a mapper of its own; both mappers read the group's KJT.
 
-    Input: KJT of raw IDs for the group's features. Output: one pooled [B, D_f] per feature,
-    in feature order (D_f = D unless a concat combiner widens it).
+    Input: KJT of raw IDs for the group's features. Output: the pooled vectors of the group's
+    features in feature order, as 2-D pieces whose concatenation along dim 1 is
+    [B, sum of D_f] (D_f = D unless a concat combiner widens it): one piece for the whole
+    group when every feature is one key read as it is (no multi-key hashing, no managed
+    collection), else one [B, D_f] per feature.
     """
 
     def __init__(
@@ -92,12 +113,20 @@ class EmbeddingGroup(nn.Module):
         self.managed_id_mapper = managed_id_mapper
         self.managed_collection = managed_collection
         self.combiner = combiner
+        # Every feature is its own single key, pooled vector used as it is: the collection's
+        # output is the group's block.
+        self.one_block = managed_collection is None and all(
+            how == "single" and keys == [name] for name, keys, how, _ in combiner.plans
+        )
 
     def collections(self) -> list[nn.Module]:
         """The group's embedding collections (plain, then managed), whichever exist."""
         return [c for c in (self.embedding_collection, self.managed_collection) if c is not None]
 
     def forward(self, raw_ids: KeyedJaggedTensor) -> list[torch.Tensor]:
+        if self.one_block:
+            collection = self.embedding_collection(self.id_mapper(raw_ids))
+            return [pooled_block(collection, self.feature_names)]
         # A sharded EBC orders its output keys by sharding group, not feature order:
         # the combiner reads by key.
         pooled = managed = None

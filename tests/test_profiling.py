@@ -15,6 +15,18 @@ from tests.wandb_records import find_run_files, read_records
 from train.distributed import DistributedContext
 from train.loop import STEP_RANGE, step_range
 from train.profiling import profiling_hooks
+from train.step_breakdown import (
+    DENSE_BACKWARD,
+    DENSE_FORWARD,
+    EMBEDDING_BACKWARD,
+    ID_MAPPING,
+    INPUT_DIST,
+    LOOKUP,
+    OPTIMIZER,
+    OTHER,
+    OUTPUT_DIST,
+    trace_breakdown,
+)
 
 # fbgemm's CPU forward of a table-batched embedding lookup (on CUDA its name differs).
 LOOKUP_OP = "fbgemm::split_embedding_codegen_forward_cpu"
@@ -43,6 +55,18 @@ def test_two_ranks_write_a_trace_each_and_rank_0_logs_them_to_wandb(tmp_path):
         steps = [e for e in json.loads(path.read_text())["traceEvents"] if e["name"] == STEP_RANGE]
         assert len(steps) == 2  # profile_steps=[2,2]: two steps, not the run's six
     assert "profile: steps 2..3" in result.stdout
+    # The step breakdown (scripts/benchmark.py) finds TorchRec's pipeline phases and the
+    # sharded collections' stages in a real trace: every stage that ran takes time, and the
+    # loop's own bookkeeping outside the pipeline ("other") stays small.
+    for path in traces:
+        split = trace_breakdown(path)
+        stages = split["stage_ms"]
+        assert sum(stages.values()) == pytest.approx(split["profiled_step_ms"], rel=1e-6)
+        for stage in (ID_MAPPING, INPUT_DIST, LOOKUP, OUTPUT_DIST, DENSE_FORWARD,
+                      EMBEDDING_BACKWARD, DENSE_BACKWARD, OPTIMIZER):
+            assert stages[stage] > 0, (path.name, stage, stages)
+        assert stages[OTHER] < 0.05 * split["profiled_step_ms"], stages
+        assert split["flops_per_step"]["fp32"] > 0
     [run_file] = find_run_files(run_dir)
     artifacts = [r.artifact for r in read_records(run_file)
                  if r.WhichOneof("record_type") == "artifact"]
