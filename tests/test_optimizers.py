@@ -1,11 +1,14 @@
 """The learning-rate schedule of the DLRM reference (facebookresearch/dlrm,
 torchrec_dlrm/lr_scheduler.py, LRPolicyScheduler): linear warm-up, constant, polynomial
-(power 2) decay floored at 1e-7, then the last decayed value for the rest of training."""
+(power 2) decay floored at 1e-7, then the last decayed value for the rest of training. And the
+fused embedding optimizers a CPU has."""
+
+import json
 
 import pytest
 import torch
 
-from tests.helpers import compose_config
+from tests.helpers import TINY, compose_config, run_train
 from train.optimizers import MIN_DECAY_LR, WarmupDecaySchedule, lr_scale
 
 
@@ -55,3 +58,28 @@ def test_bad_schedule_settings_name_the_key(overrides, message):
 
 def test_warmup_without_a_decay_is_accepted():
     assert compose_config(["optim.warmup_steps=10"]).optim.warmup_steps == 10
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fbgemm's CUDA build has fused Adam")
+def test_fused_adam_on_cpu_is_one_line_before_training(tmp_path):
+    """fbgemm's CPU build has no fused Adam: optim=adam stops with the line naming
+    optim.embedding and the ways out, not an assertion from deep inside DMP."""
+    result = run_train([*TINY, "optim=adam", "trainer.steps=2"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "hashrec: error: optim.embedding=adam has no fused kernel in fbgemm's CPU build (it has "
+        "sgd, adagrad, rowwise_adagrad), which tables user_id, user_country, user_interests and "
+        "6 more would use: pick optim.embedding=rowwise_adagrad, sharding=data_parallel "
+        "(replicated tables take torch's adam), or GPUs"
+    ], result.stderr[-2000:]
+    assert "step " not in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fbgemm's CUDA build has fused Adam")
+def test_adam_on_cpu_trains_with_data_parallel_tables(tmp_path):
+    """The way out the line names: replicated tables take torch's Adam."""
+    result = run_train([*TINY, "optim=adam", "sharding=data_parallel", "trainer.steps=4",
+                        "trainer.eval_every=0"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [summary] = tmp_path.glob("outputs/**/summary.json")
+    assert json.loads(summary.read_text())["steps"] == 4

@@ -35,7 +35,11 @@ from train.hashing.budget import (
 from train.hashing.resolve import is_pinned
 from train.distributed import DistributedContext
 from train.memory_caps import MemoryCaps, local_memory_caps
-from train.optimizers import combined_optimizer, embedding_optimizer
+from train.optimizers import (
+    check_fused_optimizer_runs,
+    combined_optimizer,
+    embedding_optimizer,
+)
 from train.sharding import (
     PlacedTable,
     TableInfo,
@@ -323,6 +327,7 @@ def build_sharded_job(
 ) -> ShardedJob:
     unsharded = meta_model_with_fused_optimizer(config, groups, context.world_size)
     plan, placed, tables, caps = plan_for(config, groups, unsharded, context)
+    check_fused_optimizer_runs(config.optim.embedding, placed, context.device)
     model = DistributedModelParallel(
         module=unsharded, device=context.device, plan=plan, sharders=job_sharders(config)
     )

@@ -404,8 +404,20 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_start_step: int = 0
     decay_steps: int = 0
+    # The settings the model is stable with under this optimizer (optim key -> value), from
+    # conf/model_optim/<model>_<optim>.yaml, which Hydra loads after the optim group: the keys
+    # above hold these values unless the command line or an experiment sets them. Empty: the
+    # optimizer's own settings. The job prints them before training (train/model_settings.py).
+    model_settings: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        known = {f.name for f in dataclasses.fields(OptimConfig)} - {"name", "model_settings"}
+        for key in self.model_settings:
+            if key not in known:
+                raise ValueError(
+                    f"optim.model_settings.{key}: OptimConfig has no field '{key}' "
+                    f"(one of {', '.join(sorted(known))})"
+                )
         _check_choice("optim.embedding", self.embedding, EMBEDDING_OPTIMIZERS)
         _check_choice("optim.dense", self.dense, DENSE_OPTIMIZERS)
         _check_positive("optim.embedding_lr", self.embedding_lr)

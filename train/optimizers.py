@@ -35,6 +35,28 @@ def embedding_optimizer(config: OptimConfig) -> tuple[type[torch.optim.Optimizer
     return _EMBEDDING_OPTIMIZERS[config.embedding], kwargs
 
 
+# The fused kernels fbgemm's CPU build has (fbgemm-gpu-cpu 1.8: exact SGD, exact Adagrad and
+# exact row-wise Adagrad); it fails with an assertion deep inside DMP for any other.
+CPU_FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+def check_fused_optimizer_runs(embedding: str, placed: list, device: torch.device) -> None:
+    """ValueError naming optim.embedding when a table the plan gives a fused kernel (every
+    table but data-parallel ones, which take the torch optimizer) would need one that this
+    device's fbgemm lacks: fused Adam on CPU."""
+    if device.type != "cpu" or embedding in CPU_FUSED_OPTIMIZERS:
+        return
+    fused = [table.name for table in placed if table.compute_kernel != "dense"]
+    if fused:
+        more = f" and {len(fused) - 3} more" if len(fused) > 3 else ""
+        raise ValueError(
+            f"optim.embedding={embedding} has no fused kernel in fbgemm's CPU build (it has "
+            f"{', '.join(CPU_FUSED_OPTIMIZERS)}), which tables {', '.join(fused[:3])}{more} "
+            f"would use: pick optim.embedding=rowwise_adagrad, sharding=data_parallel "
+            f"(replicated tables take torch's {embedding}), or GPUs"
+        )
+
+
 def dense_optimizers(model: nn.Module, config: OptimConfig) -> list[tuple[str, KeyedOptimizerWrapper]]:
     """Torch optimizers for every parameter without a fused optimizer.
 

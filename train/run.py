@@ -52,6 +52,7 @@ from train.loop import (
     TrainResult,
 )
 from train.metrics_logger import MetricsLogger, start_run_logging
+from train.model_settings import model_settings_line
 from train.optimizers import WarmupDecaySchedule
 from train.parquet_features import (
     data_statistics,
@@ -286,6 +287,9 @@ def _run(
     )
     say(threads.describe())
     say_budget(config, groups, context.world_size, say)
+    settings = model_settings_line(config)
+    if settings is not None:
+        say(settings)
     try:  # one job at a time in a run directory, held until run() ends
         on_rank_zero(take_run_lock, run_dir)
     except RunDirInUse as error:
