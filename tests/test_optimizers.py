@@ -26,7 +26,8 @@ def test_no_schedule_is_constant():
 
 
 def test_a_decayed_lr_never_goes_below_the_reference_floor():
-    config = compose_config(["optim.decay_start_step=0", "optim.decay_steps=100000",
+    config = compose_config(["optim.warmup_steps=0", "optim.decay_start_step=0",
+                             "optim.decay_steps=100000",
                              "optim.embedding_lr=0.01"])
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=config.optim.embedding_lr)
