@@ -107,24 +107,29 @@ def test_the_line_says_how_idle_threads_wait():
     assert choice.describe({}).endswith("idle OpenMP threads spin (OMP_WAIT_POLICY unset)")
 
 
-def _set_threads_worker(rank: int, world_size: int, out_path: str, own_core: bool) -> None:
-    if own_core:  # as `srun --cpu-bind` leaves tasks: each its own CPU
-        os.sched_setaffinity(0, [rank])
-    torch.set_num_threads(7)
+def _set_threads_worker(rank: int, world_size: int, out_path: str) -> None:
+    """Both layouts in one pair of processes: torchrun's (every rank sees the host's mask),
+    then ``srun --cpu-bind``'s (each task its own CPU)."""
     context = DistributedContext(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
-    choice = set_threads(compose_config(TINY), context)
-    torch.save({"reason": choice.reason, "threads": torch.get_num_threads()}, f"{out_path}.{rank}")
+    results = []
+    for own_core in (False, True):
+        if own_core:
+            os.sched_setaffinity(0, [rank])
+        torch.set_num_threads(7)
+        choice = set_threads(compose_config(TINY), context)
+        results.append({"reason": choice.reason, "threads": torch.get_num_threads()})
+    torch.save(results, f"{out_path}.{rank}")
 
 
 @needs_two_cores
-@pytest.mark.parametrize("own_core", [False, True])
-def test_two_ranks_on_two_cores_run_one_thread_each(tmp_path, own_core):
+def test_two_ranks_on_two_cores_run_one_thread_each(tmp_path):
     out_path = str(tmp_path / "threads")
-    run_ranks(_set_threads_worker, 2, out_path, own_core)
-    results = [torch.load(f"{out_path}.{rank}") for rank in range(2)]
     cpus = len(os.sched_getaffinity(0))
-    reason = "1 CPU / 1 local rank" if own_core else f"{cpus} CPUs / 2 local ranks"
-    assert results == [{"reason": reason, "threads": 1 if own_core else cpus // 2}] * 2
+    run_ranks(_set_threads_worker, 2, out_path)
+    results = [torch.load(f"{out_path}.{rank}") for rank in range(2)]
+    shared = {"reason": f"{cpus} CPUs / 2 local ranks", "threads": cpus // 2}
+    own = {"reason": "1 CPU / 1 local rank", "threads": 1}
+    assert results == [[shared, own]] * 2
 
 
 @pytest.fixture
