@@ -17,8 +17,14 @@ report: the build, table init and training; not the final eval and state digest,
 summary.json's max-rank figure includes), the planned table bytes per rank and the sharding
 types the planner chose. Unless ``--no-breakdown``, each job also profiles three warm-up
 steps and splits them into the stages of scripts/benchmark.py (``train/step_breakdown.py``).
-The JSON is rewritten after every job; ``--plot`` redraws from it without running anything.
-One PNG per sweep (samples/s above, peak RSS per rank below) and a markdown table per sweep.
+The JSON is rewritten after every job. ``--plot`` draws from finished JSONs without running
+anything; given several passes (a shared machine's load changes within minutes: passes run at
+different times are interleaved rounds), each point is the pass with its median samples/s,
+with the range of all passes. One PNG per sweep (samples/s above, peak RSS per rank below) and
+a markdown table per sweep.
+
+    for pass in 1 2 3; do python scripts/scaling_curves.py --out bench_results/curves_$pass.json; done
+    python scripts/scaling_curves.py --plot bench_results/curves_*.json --png-dir docs
 """
 
 from __future__ import annotations
@@ -284,14 +290,34 @@ def markdown(results: list[dict], sweep_name: str) -> str:
     return "\n".join(lines)
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several passes: per point, the pass with the median samples/s (its
+    peak RSS and the rest with it) and every pass's samples/s; a failure only where every
+    pass failed."""
+    by_point: dict[tuple, list[dict]] = {}
+    for report in reports:
+        for result in report["results"]:
+            by_point.setdefault((result["sweep"], result["value"], result["ranks"]), []).append(result)
+    results = []
+    for runs in by_point.values():
+        ok = [r for r in runs if "error" not in r]
+        results.append(median_of(ok) if ok else runs[-1])
+    sweeps = list(dict.fromkeys(name for report in reports for name in report["sweeps"]))
+    dates = sorted(report["machine"]["date"] for report in reports)
+    return {"machine": {**reports[0]["machine"], "date": dates[0], "dates": dates},
+            "sweeps": sweeps, "passes": len(reports), "results": results}
+
+
 def draw(report: dict, png_dir: Path) -> None:
     results = report["results"]
     for name in report["sweeps"]:
         done = [r for r in results if r["sweep"] == name and "error" not in r]
         loads = [r[key][0] for r in done for key in ("load_average_before", "load_average_after")]
+        passes = report.get("passes", 1)
         note = (f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
-                f"{report['machine']['date'][:10]}, load average {min(loads):.1f}-{max(loads):.1f}"
-                if loads else report["machine"]["cpu"])
+                f"{report['machine']['date'][:10]}"
+                + (f", median of {passes} passes" if passes > 1 else "")
+                + (f", load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""))
         path = png_dir / f"scaling_{name}.png"
         plot(results, name, path, note)
         print(f"\n{name}: {SWEEPS[name].shape}\n{markdown(results, name)}\nwrote {path}")
@@ -304,27 +330,23 @@ def main() -> None:
     parser.add_argument("--measured-samples", type=int, default=40 * REFERENCE_BATCH,
                         help="samples per rank to measure after the warm-up")
     parser.add_argument("--min-measured-steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of every job; the median samples/s is kept")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the profiled warm-up steps and their stage split")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "scaling_curves.json")
     parser.add_argument("--png-dir", type=Path, default=REPO / "docs")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="redraw the pictures and tables from this JSON; run nothing")
+    parser.add_argument("--plot", type=Path, nargs="+", default=None,
+                        help="draw the pictures and tables from these passes' JSONs; run nothing")
     args = parser.parse_args()
     if args.plot:
-        draw(json.loads(args.plot.read_text()), args.png_dir)
+        draw(merge([json.loads(path.read_text()) for path in args.plot]), args.png_dir)
         return
     report = {"machine": machine(), "sweeps": args.sweeps, "argv": sys.argv[1:], "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jobs = points(args.sweeps, tuple(args.ranks))
     for index, point in enumerate(jobs):
-        rounds = [run_point(point, args.measured_samples, args.min_measured_steps,
-                            not args.no_breakdown, args.timeout) for _ in range(args.repeats)]
-        ok = [r for r in rounds if "error" not in r]
-        result = median_of(ok) if ok else rounds[-1]
+        result = run_point(point, args.measured_samples, args.min_measured_steps,
+                           not args.no_breakdown, args.timeout)
         report["results"].append(result)
         args.out.write_text(json.dumps(report, indent=2))
         shown = ("failed: " + result["error"]) if "error" in result else (

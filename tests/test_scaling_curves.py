@@ -88,3 +88,29 @@ def test_every_point_is_a_valid_job_with_its_value_in_place(name):
         assert config.features.name == "reference_shape"
         if config.features.embedding_dim != 64:  # the dot interaction needs them equal
             assert config.model.dense_layer_sizes[-1] == config.features.embedding_dim
+
+
+def test_passes_merge_into_each_points_median_pass_and_failures_only_where_all_failed():
+    def report(date: str, *results: dict) -> dict:
+        return {"machine": {"date": date, "cpu": "x", "cpus": 2}, "sweeps": ["rows"],
+                "results": list(results)}
+
+    def run(value: int, ranks: int, rate: float) -> dict:
+        return {"sweep": "rows", "value": value, "ranks": ranks, "samples_per_sec": rate,
+                "peak_rss_bytes_per_rank": [int(rate)] * ranks}
+
+    failed = {"sweep": "rows", "value": 300, "ranks": 1, "error": "killed"}
+    merged = curves.merge([
+        report("2026-12-02", run(100, 1, 30.0), run(100, 2, 50.0), failed),
+        report("2026-12-01", run(100, 1, 10.0), run(100, 2, 70.0), run(300, 1, 5.0)),
+        report("2026-12-03", run(100, 1, 20.0), run(100, 2, 60.0), failed),
+    ])
+    points = {(r["value"], r["ranks"]): r for r in merged["results"]}
+    assert points[(100, 1)]["samples_per_sec"] == 20.0
+    assert points[(100, 1)]["peak_rss_bytes_per_rank"] == [20]  # the median pass's, whole
+    assert points[(100, 1)]["samples_per_sec_all"] == [30.0, 10.0, 20.0]
+    assert points[(100, 2)]["samples_per_sec"] == 60.0
+    assert points[(300, 1)]["samples_per_sec"] == 5.0
+    assert merged["passes"] == 3 and merged["machine"]["date"] == "2026-12-01"
+    only_failed = curves.merge([report("2026-12-01", failed)])
+    assert only_failed["results"] == [failed]
