@@ -118,11 +118,12 @@ class Point:
         return self.value if "trainer.batch_size" in sweep.keys else REFERENCE_BATCH
 
 
-def points(sweeps: list[str], ranks: tuple[int, ...] = RANKS) -> list[Point]:
-    """Every job of the sweeps, each value's ranks back to back (so that the 1- and 2-rank
-    jobs of a point see the same load)."""
+def points(sweeps: list[str], ranks: tuple[int, ...] = RANKS,
+           values: tuple[int, ...] | None = None) -> list[Point]:
+    """Every job of the sweeps (only ``values`` where given), each value's ranks back to back
+    (so that the 1- and 2-rank jobs of a point see the same load)."""
     return [Point(name, value, n) for name in sweeps for value in SWEEPS[name].values
-            for n in ranks]
+            if values is None or value in values for n in ranks]
 
 
 def steps_for(batch_size: int, measured_samples: int, min_measured_steps: int) -> int:
@@ -163,11 +164,18 @@ def job_command(point: Point, steps: int, run_dir: Path, breakdown: bool) -> tup
     return [*launcher, "-m", "train", *overrides], overrides
 
 
+# Environment that changes how a job runs (threads, allocator, page sizes): shown with its
+# command, so that the command reproduces the figure.
+RUNTIME_ENV = ("OMP_", "GOMP_", "KMP_", "MALLOC_", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+
+
 def printable(point: Point, threads: int, overrides: list[str]) -> str:
     launcher = "python" if point.ranks == 1 else (
         f"torchrun --standalone --nproc_per_node {point.ranks}")
     shown = [shlex.quote(o) for o in overrides if not o.startswith("hydra.run.dir")]
-    return f"OMP_NUM_THREADS={threads} {launcher} -m train " + " ".join(shown)
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k.startswith(RUNTIME_ENV) and k != "OMP_NUM_THREADS"]
+    return " ".join([*env, f"OMP_NUM_THREADS={threads}", launcher, "-m", "train", *shown])
 
 
 def run_point(point: Point, measured_samples: int, min_measured_steps: int, breakdown: bool,
@@ -241,8 +249,11 @@ def plot(results: list[dict], sweep_name: str, path: Path, note: str) -> None:
             continue
         xs = [r["value"] for r in curve]
         label = "1 process x 2 threads" if ranks == 1 else f"{ranks} ranks x 1 thread"
-        rate_axis.plot(xs, [r["samples_per_sec"] for r in curve], marker="o",
-                       color=colours[ranks], label=label)
+        rates = [r["samples_per_sec"] for r in curve]
+        spread = [r.get("samples_per_sec_all", [r["samples_per_sec"]]) for r in curve]
+        rate_axis.errorbar(xs, rates, yerr=[[y - min(a) for y, a in zip(rates, spread)],
+                                            [max(a) - y for y, a in zip(rates, spread)]],
+                           marker="o", capsize=3, color=colours[ranks], label=label)
         for rank, style in zip(range(ranks), ("-", ":")):
             memory_axis.plot(xs, [r["peak_rss_bytes_per_rank"][rank] / 2**30 for r in curve],
                              marker="o", linestyle=style, color=colours[ranks],
@@ -250,7 +261,8 @@ def plot(results: list[dict], sweep_name: str, path: Path, note: str) -> None:
         memory_axis.plot(xs, [max(r["embedding_bytes_per_rank"]) / 2**30 for r in curve],
                          marker="x", linestyle="--", color=colours[ranks], alpha=0.6,
                          label=f"{label}: planned tables + optimizer state per rank")
-    rate_axis.set_ylabel("samples/s (global)")
+    rate_axis.set_ylabel("samples/s (global)\n(median of passes, bars: range)"
+                         if report_passes(results) > 1 else "samples/s (global)")
     rate_axis.set_ylim(bottom=0)
     memory_axis.set_ylabel("GiB per rank")
     memory_axis.set_xlabel(sweep.x_label)
@@ -266,6 +278,10 @@ def plot(results: list[dict], sweep_name: str, path: Path, note: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
+
+
+def report_passes(results: list[dict]) -> int:
+    return max((len(r.get("samples_per_sec_all", [])) for r in results), default=1) or 1
 
 
 def markdown(results: list[dict], sweep_name: str) -> str:
@@ -327,6 +343,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     parser.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), choices=RANKS)
+    parser.add_argument("--values", nargs="+", type=int, default=None,
+                        help="only these values of the sweeps (a rerun of some points)")
     parser.add_argument("--measured-samples", type=int, default=40 * REFERENCE_BATCH,
                         help="samples per rank to measure after the warm-up")
     parser.add_argument("--min-measured-steps", type=int, default=20)
@@ -343,7 +361,9 @@ def main() -> None:
         return
     report = {"machine": machine(), "sweeps": args.sweeps, "argv": sys.argv[1:], "results": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    jobs = points(args.sweeps, tuple(args.ranks))
+    jobs = points(args.sweeps, tuple(args.ranks), tuple(args.values) if args.values else None)
+    if not jobs:
+        raise SystemExit(f"--values {args.values}: none is a value of {', '.join(args.sweeps)}")
     for index, point in enumerate(jobs):
         result = run_point(point, args.measured_samples, args.min_measured_steps,
                            not args.no_breakdown, args.timeout)
