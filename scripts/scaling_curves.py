@@ -1,8 +1,10 @@
 """Scaling curves: samples/s and peak RSS per rank against rows per table, tables and batch
 size, on 1 and 2 ranks, every point a whole job.
 
-    python scripts/scaling_curves.py --out bench_results/scaling_curves.json --png-dir docs
-    python scripts/scaling_curves.py --plot bench_results/scaling_curves.json --png-dir docs
+    for pass in 1 2 3; do
+        python scripts/scaling_curves.py --idle-below 0.3 --out bench_results/curves_$pass.json
+    done
+    python scripts/scaling_curves.py --plot bench_results/curves_*.json --png-dir docs
 
 Three sweeps from ``experiment=reference_shape`` (``SWEEPS`` says what each varies and what it
 holds). Every point runs as one process (``python -m train``, both cores) and as 2 ranks
@@ -15,16 +17,15 @@ Per job: samples/s (``summary.json``, global, after the warm-up), the step time 
 metrics.jsonl's report windows after the first), each rank's peak RSS (VmHWM at the last
 report: the build, table init and training; not the final eval and state digest, which
 summary.json's max-rank figure includes), the planned table bytes per rank and the sharding
-types the planner chose. Unless ``--no-breakdown``, each job also profiles three warm-up
+types the planner chose, and how many CPUs other processes kept busy meanwhile (the machine's
+busy CPU time less the jobs', over the wall time; ``--idle-below`` waits before each job
+until the machine is that quiet). Unless ``--no-breakdown``, each job also profiles three warm-up
 steps and splits them into the stages of scripts/benchmark.py (``train/step_breakdown.py``).
 The JSON is rewritten after every job. ``--plot`` draws from finished JSONs without running
 anything; given several passes (a shared machine's load changes within minutes: passes run at
 different times are interleaved rounds), each point is the pass with its median samples/s,
 with the range of all passes. One PNG per sweep (samples/s above, peak RSS per rank below) and
 a markdown table per sweep.
-
-    for pass in 1 2 3; do python scripts/scaling_curves.py --out bench_results/curves_$pass.json; done
-    python scripts/scaling_curves.py --plot bench_results/curves_*.json --png-dir docs
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -178,6 +180,47 @@ def printable(point: Point, threads: int, overrides: list[str]) -> str:
     return " ".join([*env, f"OMP_NUM_THREADS={threads}", launcher, "-m", "train", *shown])
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the machine has been busy since boot, all processes (/proc/stat; steal
+    counts: the host gave the CPU to someone else)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this script and of every job it has waited for (torchrun's ranks too)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+class OtherLoad:
+    """How many CPUs other processes kept busy over an interval: the machine's busy CPU
+    seconds less ours, over the wall time. The load average cannot tell them from ours."""
+
+    def __init__(self) -> None:
+        self.started = (time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds())
+
+    def cpus(self) -> float:
+        wall, busy, own = self.started
+        elapsed = time.perf_counter() - wall
+        return max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)) / elapsed
+
+
+def wait_for_idle(max_cpus: float, patience: float, probe: float = 3.0) -> float:
+    """Wait (at most ``patience`` seconds) until other processes use under ``max_cpus``
+    CPUs over ``probe`` seconds; returns the last figure. A job started beside a busy
+    neighbour measures the neighbour."""
+    deadline = time.perf_counter() + patience
+    while True:
+        load = OtherLoad()
+        time.sleep(probe)
+        cpus = load.cpus()
+        if cpus < max_cpus or time.perf_counter() > deadline:
+            return cpus
+        time.sleep(10.0)
+
+
 def run_point(point: Point, measured_samples: int, min_measured_steps: int, breakdown: bool,
               timeout: float) -> dict:
     threads = max(1, (os.cpu_count() or 1) // point.ranks)
@@ -190,7 +233,7 @@ def run_point(point: Point, measured_samples: int, min_measured_steps: int, brea
                   "omp_threads": threads, "steps": steps, "batch_size": point.batch_size(),
                   "command": printable(point, threads, overrides),
                   "load_average_before": os.getloadavg()}
-        started = time.perf_counter()
+        started, others = time.perf_counter(), OtherLoad()
         try:
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                                   timeout=timeout)
@@ -198,6 +241,7 @@ def run_point(point: Point, measured_samples: int, min_measured_steps: int, brea
             return {**result, "error": f"timed out after {timeout:.0f} s"}
         result["wall_seconds"] = time.perf_counter() - started
         result["load_average_after"] = os.getloadavg()
+        result["other_cpus"] = others.cpus()
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             return {**result, "error": lines[-1] if lines else f"exit {done.returncode}"}
@@ -287,7 +331,7 @@ def report_passes(results: list[dict]) -> int:
 def markdown(results: list[dict], sweep_name: str) -> str:
     sweep = SWEEPS[sweep_name]
     lines = [f"| {sweep.x_label} | ranks | samples/s (global) | step ms | peak RSS per rank "
-             "| planned tables per rank | sharding | load (before, after) |",
+             "| planned tables per rank | sharding | other processes' CPUs |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in sorted((r for r in results if r["sweep"] == sweep_name),
                     key=lambda r: (r["value"], r["ranks"])):
@@ -300,7 +344,7 @@ def markdown(results: list[dict], sweep_name: str) -> str:
                                                             max(r["samples_per_sec_all"])))
         peaks = ", ".join(gib(v) for v in r["peak_rss_bytes_per_rank"])
         sharding = ", ".join(f"{n} {kind}" for kind, n in sorted(r["sharding"].items()))
-        load = f"{r['load_average_before'][0]:.1f}, {r['load_average_after'][0]:.1f}"
+        load = f"{r['other_cpus']:.2f}"
         lines.append(f"| {r['value']:,} | {r['ranks']} | {rate} | {r['step_ms']:.1f} | {peaks} "
                      f"| {gib(max(r['embedding_bytes_per_rank']))} | {sharding} | {load} |")
     return "\n".join(lines)
@@ -328,12 +372,13 @@ def draw(report: dict, png_dir: Path) -> None:
     results = report["results"]
     for name in report["sweeps"]:
         done = [r for r in results if r["sweep"] == name and "error" not in r]
-        loads = [r[key][0] for r in done for key in ("load_average_before", "load_average_after")]
+        loads = [r["other_cpus"] for r in done]
         passes = report.get("passes", 1)
         note = (f"{report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
                 f"{report['machine']['date'][:10]}"
                 + (f", median of {passes} passes" if passes > 1 else "")
-                + (f", load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""))
+                + (f", other processes used {min(loads):.2f}-{max(loads):.2f} CPUs"
+                   if loads else ""))
         path = png_dir / f"scaling_{name}.png"
         plot(results, name, path, note)
         print(f"\n{name}: {SWEEPS[name].shape}\n{markdown(results, name)}\nwrote {path}")
@@ -351,6 +396,10 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the profiled warm-up steps and their stage split")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per job")
+    parser.add_argument("--idle-below", type=float, default=None, metavar="CPUS",
+                        help="before each job, wait until other processes use fewer CPUs")
+    parser.add_argument("--idle-wait", type=float, default=600.0,
+                        help="seconds to wait for that at most, then run anyway")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "scaling_curves.json")
     parser.add_argument("--png-dir", type=Path, default=REPO / "docs")
     parser.add_argument("--plot", type=Path, nargs="+", default=None,
@@ -365,16 +414,19 @@ def main() -> None:
     if not jobs:
         raise SystemExit(f"--values {args.values}: none is a value of {', '.join(args.sweeps)}")
     for index, point in enumerate(jobs):
+        idle = (wait_for_idle(args.idle_below, args.idle_wait)
+                if args.idle_below is not None else None)
         result = run_point(point, args.measured_samples, args.min_measured_steps,
                            not args.no_breakdown, args.timeout)
+        result["other_cpus_before"] = idle
         report["results"].append(result)
         args.out.write_text(json.dumps(report, indent=2))
         shown = ("failed: " + result["error"]) if "error" in result else (
             f"{result['samples_per_sec']:,.0f} samples/s, peak RSS "
             + ", ".join(gib(v) for v in result["peak_rss_bytes_per_rank"]))
         print(f"[{index + 1}/{len(jobs)}] {point.sweep}={point.value:,} ranks={point.ranks}: "
-              f"{shown} ({result.get('wall_seconds', 0):.0f} s, load average "
-              f"{os.getloadavg()[0]:.1f})", flush=True)
+              f"{shown} ({result.get('wall_seconds', 0):.0f} s, other processes "
+              f"{result.get('other_cpus', float('nan')):.2f} CPUs)", flush=True)
     report["machine"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     args.out.write_text(json.dumps(report, indent=2))
     draw(report, args.png_dir)
